@@ -1,0 +1,5 @@
+import sys
+
+from resnet_imagenet.cli import main
+
+sys.exit(main())

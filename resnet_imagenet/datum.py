@@ -1,0 +1,117 @@
+"""Datum (LMDB record) and BlobProto (.binaryproto, caffemodel blobs) codecs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from resnet_imagenet.fileio import atomic_write_bytes
+from resnet_imagenet.proto import caffe_pb2
+
+
+def blob_shape(blob: caffe_pb2.BlobProto) -> tuple[int, ...]:
+    """The blob's shape: ``shape.dim`` when present, else the legacy num/channels/height/width."""
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim)
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (blob.num, blob.channels, blob.height, blob.width)
+    n = len(blob.data) or len(blob.double_data)
+    return (n,) if n else ()
+
+
+def is_legacy(blob: caffe_pb2.BlobProto) -> bool:
+    return not blob.HasField("shape") and any(blob.HasField(f) for f in ("num", "channels", "height", "width"))
+
+
+def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
+    """Blob data as a float32 array of the blob's shape (double_data is read too)."""
+    shape = blob_shape(blob)
+    if len(blob.data):
+        arr = np.asarray(blob.data, dtype=np.float32)
+    else:
+        arr = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
+    count = int(np.prod(shape)) if shape else 0
+    if arr.size != count:
+        raise ValueError(f"blob holds {arr.size} values but its shape {shape} needs {count}")
+    return arr.reshape(shape)
+
+
+def array_to_blob(arr: np.ndarray, legacy: bool = False) -> caffe_pb2.BlobProto:
+    """A BlobProto of float32 data; ``legacy`` writes num/channels/height/width (<= 4 axes)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    blob = caffe_pb2.BlobProto()
+    if legacy:
+        if arr.ndim > 4:
+            raise ValueError(f"legacy blobs have at most 4 axes, not {arr.ndim}")
+        dims = (1,) * (4 - arr.ndim) + arr.shape
+        blob.num, blob.channels, blob.height, blob.width = dims
+    else:
+        blob.shape.dim.extend(arr.shape)
+    blob.data.extend(arr.ravel().tolist())
+    return blob
+
+
+def read_blobproto(path: str | os.PathLike) -> np.ndarray:
+    """Read a .binaryproto (e.g. a mean file) in either shape encoding."""
+    blob = caffe_pb2.BlobProto()
+    path = Path(path)
+    try:
+        blob.ParseFromString(path.read_bytes())
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: cannot read: {e.strerror}") from None
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"{path}: not a BlobProto ({e})") from None
+    try:
+        return blob_to_array(blob)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def write_blobproto(arr: np.ndarray, path: str | os.PathLike, legacy: bool = False) -> None:
+    atomic_write_bytes(path, array_to_blob(arr, legacy=legacy).SerializeToString())
+
+
+def encode_datum(
+    image: np.ndarray | bytes, label: int, *, encoded: bool = False, shape: tuple[int, int, int] | None = None
+) -> bytes:
+    """Serialize one record.
+
+    ``image`` is an HxWxC (or HxW) BGR uint8 array stored raw as CHW, or, with ``encoded``, the
+    bytes of an image file; then ``shape`` (C, H, W) may be recorded (Caffe leaves it 0).
+    """
+    d = caffe_pb2.Datum(label=int(label))
+    if encoded:
+        d.encoded = True
+        d.data = bytes(image)
+        if shape is not None:
+            d.channels, d.height, d.width = shape
+        return d.SerializeToString()
+    img = np.asarray(image, dtype=np.uint8)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    h, w, c = img.shape
+    d.channels, d.height, d.width = c, h, w
+    d.data = np.ascontiguousarray(img.transpose(2, 0, 1)).tobytes()
+    return d.SerializeToString()
+
+
+def parse_datum(raw: bytes) -> caffe_pb2.Datum:
+    d = caffe_pb2.Datum()
+    d.ParseFromString(raw)
+    return d
+
+
+def datum_to_array(d: caffe_pb2.Datum) -> np.ndarray:
+    """A raw (non-encoded) Datum as an HxWxC uint8 array (BGR for colour)."""
+    if d.encoded:
+        raise ValueError("encoded datum: decode the image bytes instead")
+    c, h, w = d.channels, d.height, d.width
+    if len(d.data) == c * h * w:
+        chw = np.frombuffer(d.data, dtype=np.uint8).reshape(c, h, w)
+    elif len(d.float_data) == c * h * w:
+        chw = np.asarray(d.float_data, dtype=np.float32).reshape(c, h, w)
+    else:
+        raise ValueError(f"datum of shape {c}x{h}x{w} holds {len(d.data)} bytes and {len(d.float_data)} floats")
+    return chw.transpose(1, 2, 0)
