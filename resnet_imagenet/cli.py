@@ -84,7 +84,32 @@ def _add_prune_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_use_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("parse_log", help="CSV files LOG.train and LOG.test from a Caffe-format training log")
+    p.add_argument("log", help="training log (ours or real Caffe's)")
+    p.add_argument("outdir", nargs="?", default=None, help="folder for the CSVs (default: beside the log)")
+    p.set_defaults(func=_cmd_parse_log)
+
+    p = sub.add_parser("plot_log", help="plot training loss (raw and smoothed) and accuracy against iteration")
+    p.add_argument("log", help="training log (ours or real Caffe's)")
+    p.add_argument("-o", "--output", required=True, help="image to write (.png, .pdf, .svg)")
+    p.add_argument("--smooth", type=int, default=None, help="moving-average window in displays (default: n/40)")
+    p.set_defaults(func=_cmd_plot_log)
+
+
+def _cmd_parse_log(args: argparse.Namespace) -> int:
+    from resnet_imagenet.logs import write_csvs
+
+    train_csv, test_csv, parsed = write_csvs(args.log, args.outdir)
+    print(f"{train_csv}: {len(parsed.train)} rows")
+    print(f"{test_csv}: {len(parsed.test)} rows")
+    return 0
+
+
+def _cmd_plot_log(args: argparse.Namespace) -> int:
+    from resnet_imagenet.logs import plot_log
+
+    print(plot_log(args.log, args.output, smooth=args.smooth))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
