@@ -95,6 +95,14 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth", type=int, default=None, help="moving-average window in displays (default: n/40)")
     p.set_defaults(func=_cmd_plot_log)
 
+    p = sub.add_parser("demo_data", help="write the built-in demo dataset (JPEGs in class folders, train and val)")
+    p.add_argument("outdir", help="folder to create (OUTDIR/train/<class>/*.jpg, OUTDIR/val/..., list files)")
+    p.add_argument("--train-per-class", type=int, default=120)
+    p.add_argument("--val-per-class", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.set_defaults(func=_cmd_demo_data)
+
 
 def _cmd_parse_log(args: argparse.Namespace) -> int:
     from resnet_imagenet.logs import write_csvs
@@ -109,6 +117,20 @@ def _cmd_plot_log(args: argparse.Namespace) -> int:
     from resnet_imagenet.logs import plot_log
 
     print(plot_log(args.log, args.output, smooth=args.smooth))
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from resnet_imagenet.demo_data import write_demo_dataset
+
+    m = write_demo_dataset(
+        args.outdir,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.outdir}: {len(m['classes'])} classes, {m['train_per_class']} train + {m['val_per_class']} val each")
     return 0
 
 
