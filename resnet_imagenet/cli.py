@@ -95,6 +95,27 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smooth", type=int, default=None, help="moving-average window in displays (default: n/40)")
     p.set_defaults(func=_cmd_plot_log)
 
+    p = sub.add_parser("test", help="score a trained net on its TEST phase data (caffe test): top-1, top-5, loss")
+    p.add_argument("--model", required=True, help="train_val prototxt (its TEST-phase data layer names the LMDB)")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--iterations", type=int, default=None, help="batches to run (default: every image once)")
+    p.add_argument("--gpu", default=None, help="GPU id(s), e.g. 0 or 0,1,2,3 under torchrun (default: CPU)")
+    p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    p.set_defaults(func=_cmd_test)
+
+    p = sub.add_parser("classify", help="top-5 classes of image files with a deploy net")
+    p.add_argument("--model", required=True, help="deploy prototxt")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--mean", default=None, help="mean.binaryproto, or per-channel values such as 104,117,123")
+    p.add_argument("--labels", default=None, help="synset_words.txt or a class list, one name per line "
+                   "(default: the shipped ImageNet-1k list for 1000-class nets)")  # fmt: skip
+    p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
+    p.add_argument("--scale", type=float, default=1.0, help="transform_param scale the model was trained with")
+    p.add_argument("--gpu", default=None, help="GPU id (default: CPU)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=_cmd_classify)
+
     p = sub.add_parser("demo_data", help="write the built-in demo dataset (JPEGs in class folders, train and val)")
     p.add_argument("outdir", help="folder to create (OUTDIR/train/<class>/*.jpg, OUTDIR/val/..., list files)")
     p.add_argument("--train-per-class", type=int, default=120)
@@ -118,6 +139,39 @@ def _cmd_plot_log(args: argparse.Namespace) -> int:
 
     print(plot_log(args.log, args.output, smooth=args.smooth))
     return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    import os
+
+    from resnet_imagenet.evaluate import evaluate
+
+    def on_batch(i: int, m: dict) -> None:
+        log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
+
+    r = evaluate(args.model, args.weights, iterations=args.iterations, gpu=args.gpu, ten_crop=args.ten_crop,
+                 num_workers=args.workers, on_batch=on_batch)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"images = {r['images']}{' (10 crops each)' if args.ten_crop else ''}")
+        print(f"top-1 = {r['top-1']:.5f}")
+        print(f"top-5 = {r['top-5']:.5f}")
+        print(f"loss = {r['loss']:.5f}")
+    return 0
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    from resnet_imagenet.classify import Classifier, format_prediction
+
+    clf = Classifier(args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu,
+                     scale=args.scale)  # fmt: skip
+    failed = 0
+    for path in args.images:
+        try:
+            print(format_prediction(clf.classify(path)), flush=True)
+        except (OSError, ValueError) as e:  # a bad image: one line, the others still run
+            failed += 1
+            print(f"resnet-imagenet classify: error: {path}: {e}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:

@@ -1,0 +1,188 @@
+"""``test``: Caffe's ``caffe test`` -- the TEST phase of a train_val net over its val LMDB; top-1, top-5, loss.
+
+Without ``iterations`` every image of the val set is scored exactly once (DataFeed.epoch(); the last batch may
+be short, and each image weighs the same). Run under torchrun, each process scores a disjoint share and the
+sums are all-reduced, so multi-process results equal single-process ones (no padding, no double counting).
+``ten_crop`` scores the 4 corner crops and the centre crop, each also mirrored, and averages the 10 softmax
+outputs (Caffe's python/caffe/classifier.py oversample, the seed's Torch ten-crop loader).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet.proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+_CLASSIFIER_INPUTS = ("SoftmaxWithLoss", "Accuracy", "Softmax")
+
+
+def classifier_blob(net) -> str:
+    """The blob of class scores: the first bottom of the net's SoftmaxWithLoss (else Accuracy, else Softmax)."""
+    for kind in _CLASSIFIER_INPUTS:
+        for lp in net.layer_params:
+            if lp.type == kind:
+                return lp.bottom[0]
+    raise ValueError(f"net '{net.name}' has no SoftmaxWithLoss, Accuracy or Softmax layer to read class scores from")
+
+
+def crop_offsets_10(h: int, w: int, crop: int) -> list[tuple[int, int]]:
+    """(h_off, w_off) of the 4 corner crops and the centre crop (caffe: data_transformer.cpp centre = (h-c)/2)."""
+    if crop > h or crop > w:
+        raise ValueError(f"crop {crop} is larger than the {h}x{w} image")
+    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
+
+
+def _mean_tensor(tp: caffe_pb2.TransformationParameter, base: Path, channels: int) -> torch.Tensor | None:
+    if tp.HasField("mean_file"):
+        m = read_blobproto(base / tp.mean_file)
+        return torch.from_numpy(m.reshape(m.shape[-3:]).astype("float32"))
+    if len(tp.mean_value):
+        mv = list(tp.mean_value)
+        mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
+        return torch.tensor(mv, dtype=torch.float32).view(channels, 1, 1)
+    return None
+
+
+def ten_crops(
+    x: torch.Tensor, crop: int, mean: torch.Tensor | None = None, scale: float = 1.0, *, centre_only: bool = False
+) -> Iterator[torch.Tensor]:
+    """The 10 crops of a raw-pixel batch x (N, C, H, W): 5 crops, then the same 5 mirrored (or the centre only).
+
+    The mean is subtracted at the crop's source pixels (a crop-sized mean as is), then the crop is mirrored and
+    scaled, as Caffe's DataTransformer does: out = (pixel - mean) * scale.
+    """
+    h, w = x.shape[2:]
+    if mean is not None and mean.dim() == 3 and mean.shape[1:] not in ((crop, crop), (h, w)):
+        raise ValueError(f"mean of size {tuple(mean.shape[1:])} fits neither the crop {crop} nor the {h}x{w} images")
+    mean = None if mean is None else mean.to(x.device)
+    offsets = crop_offsets_10(h, w, crop)[4:] if centre_only else crop_offsets_10(h, w, crop)
+    for flip in (False,) if centre_only else (False, True):
+        for ho, wo in offsets:
+            c = x[:, :, ho : ho + crop, wo : wo + crop]
+            if mean is not None:
+                full = mean.dim() == 3 and mean.shape[1:] == (h, w) and (h, w) != (crop, crop)
+                c = c - (mean[:, ho : ho + crop, wo : wo + crop] if full else mean)
+            if flip:
+                c = c.flip(-1)
+            yield c * scale if scale != 1 else c
+
+
+class _Tally:
+    """Sums over scored images: correct@1, correct@5, summed loss, count (float64 for exact all-reduce)."""
+
+    def __init__(self, device: torch.device):
+        self.t = torch.zeros(4, dtype=torch.float64, device=device)
+
+    def add(self, probs_or_logits: torch.Tensor, label: torch.Tensor, *, probs: bool) -> torch.Tensor:
+        k = min(5, probs_or_logits.shape[1])
+        top = probs_or_logits.topk(k, dim=1).indices
+        hit = top == label.view(-1, 1)
+        if probs:
+            loss = -torch.log(probs_or_logits.gather(1, label.view(-1, 1)).clamp_min(1e-38)).sum()
+        else:
+            loss = F.cross_entropy(probs_or_logits.float(), label, reduction="sum")  # caffe: SoftmaxWithLoss
+        n = torch.tensor(float(label.numel()), dtype=torch.float64, device=self.t.device)
+        b = torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(), loss.detach().double(), n])
+        self.t += b
+        return b
+
+    @staticmethod
+    def summary(t: torch.Tensor) -> dict:
+        n = max(float(t[3]), 1.0)
+        return {"top-1": float(t[0]) / n, "top-5": float(t[1]) / n, "loss": float(t[2]) / n, "images": int(t[3])}
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); starts torch.distributed when run under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("RESNET_IMAGENET_GLOO") is None else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def pick_device(gpu: str | None, local_rank: int = 0) -> torch.device:
+    """``--gpu 0`` or ``--gpu 0,1,2,3`` (this process takes its local rank's) -> a device; None -> CPU."""
+    if gpu is None or gpu == "" or gpu.lower() == "cpu":
+        return torch.device("cpu")
+    ids = [int(g) for g in gpu.split(",")]
+    if not torch.cuda.is_available():
+        raise ValueError(f"--gpu {gpu}: no CUDA device is available")
+    return torch.device("cuda", ids[local_rank % len(ids)])
+
+
+def evaluate(
+    model: str | os.PathLike,
+    weights: str | os.PathLike | None,
+    *,
+    iterations: int | None = None,
+    gpu: str | None = None,
+    ten_crop: bool = False,
+    num_workers: int = 2,
+    base_dir: str | os.PathLike | None = None,
+    on_batch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Score the TEST phase of ``model`` with ``weights``; returns {"top-1", "top-5", "loss", "images"}.
+
+    ``on_batch(i, metrics)`` is called on rank 0 after each of its batches (``caffe test`` logs each batch).
+    """
+    from resnet_imagenet.data import DataFeed
+    from resnet_imagenet.net import load_net
+
+    rank, world, local_rank = _dist()
+    device = pick_device(gpu, local_rank)
+    net = load_net(model, weights=weights, phase="test").to(device).eval()
+    feeds = [lp for lp in net.data_layers if lp.type in ("Data", "ImageData")]
+    if len(feeds) != 1:
+        raise ValueError(f"{model}: the TEST phase needs exactly one Data or ImageData layer, found {len(feeds)}")
+    layer = feeds[0]
+    blob = classifier_blob(net)
+    label_name = layer.top[1] if len(layer.top) > 1 else None
+    if label_name is None:
+        raise ValueError(f"{model}: data layer '{layer.name}' has no label top")
+    crop = layer.transform_param.crop_size
+    if ten_crop:
+        if not crop:
+            raise ValueError(f"{model}: --ten-crop needs transform_param.crop_size in layer '{layer.name}'")
+        raw = caffe_pb2.LayerParameter()
+        raw.CopyFrom(layer)
+        raw.transform_param.Clear()  # full images, raw pixels: crops, mean and scale are applied here
+        raw.transform_param.force_color = layer.transform_param.force_color
+        raw.transform_param.force_gray = layer.transform_param.force_gray
+        layer = raw
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    feed = DataFeed(layer, "test", rank=rank, world_size=world, num_workers=num_workers, device=device, base_dir=base)
+    tp = net.data_layers[net.data_layers.index(feeds[0])].transform_param
+    mean = _mean_tensor(tp, base, 1 if tp.force_gray else 3) if ten_crop else None
+    tally = _Tally(device)
+    batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations))
+    with torch.inference_mode():
+        for i, (x, label) in enumerate(batches):
+            inputs = {name: x for name in net.input_names if name != label_name}
+            if ten_crop:
+                probs = None
+                for c in ten_crops(x, crop, mean, float(tp.scale)):
+                    inputs[feeds[0].top[0]] = c
+                    p = F.softmax(net(**inputs, **{label_name: label}, blobs=[blob])[blob].float(), dim=1)
+                    probs = p if probs is None else probs + p
+                b = tally.add(probs / 10, label, probs=True)
+            else:
+                b = tally.add(net(**inputs, **{label_name: label}, blobs=[blob])[blob], label, probs=False)
+            if rank == 0 and on_batch is not None:
+                on_batch(i, _Tally.summary(b))
+    feed.close()
+    total = tally.t
+    if world > 1:
+        torch.distributed.all_reduce(total)  # sums over the disjoint shares: every image once
+    return _Tally.summary(total)
