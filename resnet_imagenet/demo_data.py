@@ -4,9 +4,10 @@
 ClassName, as convert_imageset reads class folders), plus Caffe-style list files ``train.txt`` / ``val.txt``
 (``relative/path label``) and ``labels.txt`` (one class name per line, in label order = sorted names).
 Every image is a deterministic function of (seed, split, class, index): random image size, background gradient
-and low-frequency noise with faint clutter, a shape (disc, square, triangle, ring, cross) of random colour,
-position, scale and rotation, or a texture (stripes, checkerboard, dots) of random colours, period and angle;
-then pixel noise, slight blur and JPEG compression. A tiny ResNet learns the 8 classes at crop 32 in minutes.
+and low-frequency noise with faint clutter, a shape (disc, square, frame, triangle, ring, cross) of random
+colour, position, scale and rotation, or a texture (stripes, checkerboard, dots, grid) of random colours, period
+and angle; then pixel noise, slight blur and JPEG compression. A tiny ResNet learns the 10 classes at crop 32
+in minutes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from resnet_imagenet.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("checkerboard", "cross", "disc", "dots", "ring", "square", "stripes", "triangle")  # sorted: label order
+CLASSES = ("checkerboard", "cross", "disc", "dots", "frame", "grid", "ring", "square", "stripes", "triangle")  # sorted
+_TEXTURES = ("checkerboard", "dots", "grid", "stripes")
 _SPLITS = {"train": 0, "val": 1}
 _SS = 2  # supersampling of shape masks, for anti-aliased edges
 
@@ -88,9 +90,12 @@ def _shape_mask(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
     elif name == "ring":
         cv2.circle(m, (round(cx), round(cy)), round(r), 255, -1)
         cv2.circle(m, (round(cx), round(cy)), round(r * rng.uniform(0.5, 0.62)), 0, -1)
-    elif name in ("square", "triangle"):
-        n = 4 if name == "square" else 3
+    elif name in ("square", "triangle", "frame"):
+        n = 3 if name == "triangle" else 4
         cv2.fillPoly(m, [np.round(_polygon(cx, cy, r * (1.15 if n == 3 else 1.0), n, rot)).astype(np.int32)], 255)
+        if name == "frame":  # a square outline with a thick border
+            inner = _polygon(cx, cy, r * rng.uniform(0.5, 0.62), n, rot)
+            cv2.fillPoly(m, [np.round(inner).astype(np.int32)], 0)
     elif name == "cross":
         half_w = r * rng.uniform(0.22, 0.3)
         for a in (rot, rot + math.pi / 2):
@@ -118,6 +123,8 @@ def _texture(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         t = np.clip((t - 0.5) * 3 + 0.5, 0, 1)  # softened square wave
     elif name == "checkerboard":
         t = 0.5 + 0.5 * np.sign(np.sin(2 * math.pi * u) * np.sin(2 * math.pi * v))
+    elif name == "grid":  # lines in two directions, about a quarter period wide
+        t = np.clip((0.13 - np.minimum(np.abs(u - np.round(u)), np.abs(v - np.round(v)))) * period, 0, 1)
     elif name == "dots":
         du, dv = u - np.round(u), v - np.round(v)
         t = np.clip((0.3 - np.sqrt(du**2 + dv**2)) * period, 0, 1)
@@ -129,7 +136,7 @@ def _texture(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def make_image(class_name: str, rng: np.random.Generator, min_size: int = 64, max_size: int = 96) -> np.ndarray:
     """One demo image of ``class_name`` as an H x W x 3 BGR uint8 array (H, W random in [min_size, max_size])."""
     h, w = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
-    if class_name in ("stripes", "checkerboard", "dots"):
+    if class_name in _TEXTURES:
         img = _texture(class_name, rng, h, w) + _smooth_noise(rng, h, w, 4, 12.0)
     else:
         bg = _background(rng, h, w)

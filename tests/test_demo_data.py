@@ -17,13 +17,13 @@ def _tree(root):
 def test_layout_lists_and_jpegs(tmp_path) -> None:
     root = tmp_path / "demo"
     m = write_demo_dataset(root, train_per_class=3, val_per_class=2, seed=5)
-    assert m["classes"] == list(CLASSES) == sorted(CLASSES) and len(CLASSES) == 8
+    assert m["classes"] == list(CLASSES) == sorted(CLASSES) and len(CLASSES) == 10
     assert sorted(p.name for p in root.iterdir()) == ["labels.txt", "manifest.json", "train", "train.txt", "val",
                                                       "val.txt"]  # fmt: skip
     assert (root / "labels.txt").read_text().split() == list(CLASSES)
     train = (root / "train.txt").read_text().splitlines()
-    assert len(train) == 3 * 8 and train[0] == "checkerboard/checkerboard_0000.jpg 0"
-    assert train[-1] == "triangle/triangle_0002.jpg 7"
+    assert len(train) == 3 * 10 and train[0] == "checkerboard/checkerboard_0000.jpg 0"
+    assert train[-1] == "triangle/triangle_0002.jpg 9"
     for line in train + (root / "val.txt").read_text().splitlines():
         rel, label = line.split()
         split = "train" if line in train else "val"
@@ -33,7 +33,7 @@ def test_layout_lists_and_jpegs(tmp_path) -> None:
         assert data[:3] == b"\xff\xd8\xff"  # a real JPEG file
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         assert img.ndim == 3 and 64 <= img.shape[0] <= 96 and 64 <= img.shape[1] <= 96
-    assert len(list((root / "val").rglob("*.jpg"))) == 2 * 8
+    assert len(list((root / "val").rglob("*.jpg"))) == 2 * 10
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -49,8 +49,8 @@ def test_deterministic_and_seed_dependent(tmp_path) -> None:
 
 
 def test_shapes_whole_and_centred() -> None:
-    # Every shape lies inside the image (a crop near the centre sees it); only the ring is hollow at its centroid.
-    for name in ("cross", "disc", "ring", "square", "triangle"):
+    # Every shape lies inside the image (a crop near the centre sees it); ring, frame: hollow centroid.
+    for name in ("cross", "disc", "frame", "ring", "square", "triangle"):
         for i in range(10):
             m = _shape_mask(name, np.random.default_rng([3, i]), 80, 90)
             assert m.shape == (80, 90) and m.max() == 1.0
@@ -58,7 +58,7 @@ def test_shapes_whole_and_centred() -> None:
             ys, xs = np.nonzero(m > 0.5)
             cy, cx = round(float(ys.mean())), round(float(xs.mean()))
             assert abs(cy - 40) <= 12 and abs(cx - 45) <= 13
-            assert m[cy, cx] == (0.0 if name == "ring" else 1.0), (name, i)
+            assert m[cy, cx] == (0.0 if name in ("ring", "frame") else 1.0), (name, i)
 
 
 def test_refuses_to_overwrite(tmp_path, capsys) -> None:
@@ -71,4 +71,4 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
     assert "not empty" in capsys.readouterr().err
     assert (root / "mine.txt").read_text() == "keep me"
     assert cli.main(["demo_data", str(root), "--train-per-class", "1", "--val-per-class", "1", "--overwrite"]) == 0
-    assert not (root / "mine.txt").exists() and len(list(root.rglob("*.jpg"))) == 16
+    assert not (root / "mine.txt").exists() and len(list(root.rglob("*.jpg"))) == 20
