@@ -61,7 +61,7 @@ def ten_crops(
     scaled, as Caffe's DataTransformer does: out = (pixel - mean) * scale.
     """
     h, w = x.shape[2:]
-    if mean is not None and mean.dim() == 3 and mean.shape[1:] not in ((crop, crop), (h, w)):
+    if mean is not None and tuple(mean.shape[1:]) not in ((1, 1), (crop, crop), (h, w)):
         raise ValueError(f"mean of size {tuple(mean.shape[1:])} fits neither the crop {crop} nor the {h}x{w} images")
     mean = None if mean is None else mean.to(x.device)
     offsets = crop_offsets_10(h, w, crop)[4:] if centre_only else crop_offsets_10(h, w, crop)

@@ -1,0 +1,145 @@
+"""``test``: top-1 / top-5 / loss over a real LMDB, checked against numpy on the raw images; ten-crop; torchrun."""
+
+from __future__ import annotations
+
+import socket
+
+import lmdb
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from resnet_imagenet import cli
+from resnet_imagenet.datum import encode_datum, write_blobproto
+from resnet_imagenet.evaluate import crop_offsets_10, evaluate
+
+N_IMAGES, SIZE, CROP, CLASSES = 7, 6, 4, 6
+
+NET = """
+name: "tiny-linear"
+layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TEST }}
+  transform_param {{ crop_size: {crop} {mean} scale: 0.5 }}
+  data_param {{ source: "val_lmdb" batch_size: 3 backend: LMDB }} }}
+layer {{ name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param {{ num_output: {classes} }} }}
+layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
+layer {{ name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" }}
+"""
+
+
+def _setup(tmp_path, mean: str, *, seed: int = 0):
+    """A val LMDB of N_IMAGES raw 6x6 BGR images (7 = 3 + 3 + 1: a short last batch), a net and its weights."""
+    from resnet_imagenet.net import load_net
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, size=N_IMAGES)
+    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
+    env.close()
+    mean_arr = rng.uniform(0, 255, size=(3, SIZE, SIZE)).astype(np.float32)
+    write_blobproto(mean_arr[None], tmp_path / "mean.binaryproto")
+    model = tmp_path / "train_val.prototxt"
+    model.write_text(NET.format(crop=CROP, mean=mean, classes=CLASSES))
+    net = load_net(model, phase="test")
+    w = torch.from_numpy(rng.normal(0, 0.02, size=(CLASSES, 3 * CROP * CROP)).astype(np.float32))
+    b = torch.from_numpy(rng.normal(0, 0.5, size=CLASSES).astype(np.float32))
+    with torch.no_grad():
+        net.layers["fc"].weight.copy_(w)
+        net.layers["fc"].bias.copy_(b)
+    net.save_caffemodel(tmp_path / "w.caffemodel")
+    full_mean = mean_arr if "mean_file" in mean else np.array([10.0, 20.0, 30.0], np.float32).reshape(3, 1, 1)
+    return model, images, labels, w.double().numpy(), b.double().numpy(), full_mean
+
+
+def _expected(images, labels, w, b, mean, *, ten: bool):
+    """top-1, top-5 and loss from numpy: crops of (pixel - mean) * 0.5, mirrored; probabilities averaged."""
+    x = images.transpose(0, 3, 1, 2).astype(np.float64) - mean  # caffe: (pixel - mean) * scale
+    offsets = crop_offsets_10(SIZE, SIZE, CROP) if ten else [((SIZE - CROP) // 2, (SIZE - CROP) // 2)]
+    crops = [x[:, :, h : h + CROP, v : v + CROP] for h, v in offsets]
+    if ten:
+        crops += [c[..., ::-1] for c in crops]
+    probs = 0
+    for c in crops:
+        z = (c * 0.5).reshape(len(c), -1) @ w.T + b
+        e = np.exp(z - z.max(1, keepdims=True))
+        probs = probs + e / e.sum(1, keepdims=True)
+    probs = probs / len(crops)
+    order = np.argsort(-probs, axis=1)
+    return {
+        "top-1": float(np.mean(order[:, 0] == labels)),
+        "top-5": float(np.mean([lab in o[:5] for lab, o in zip(labels, order)])),
+        "loss": float(np.mean(-np.log(probs[np.arange(len(labels)), labels]))),
+        "images": len(labels),
+    }
+
+
+def _check(got: dict, want: dict) -> None:
+    assert got["images"] == want["images"]
+    assert got["top-1"] == pytest.approx(want["top-1"], abs=1e-9)
+    assert got["top-5"] == pytest.approx(want["top-5"], abs=1e-9)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mean", ['mean_file: "mean.binaryproto"', "mean_value: 10 mean_value: 20 mean_value: 30"])
+@pytest.mark.parametrize("ten", [False, True])
+def test_every_image_once_exact(tmp_path, mean, ten) -> None:
+    model, images, labels, w, b, m = _setup(tmp_path, mean)
+    batches = []
+    got = evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path,
+                   on_batch=lambda i, r: batches.append(r["images"]))  # fmt: skip
+    assert batches == [3, 3, 1]  # the short last batch weighs 1 image, not 3
+    want = _expected(images, labels, w, b, m, ten=ten)
+    _check(got, want)
+    assert 0 < want["top-5"] < 1 or want["top-1"] != want["top-5"]  # the fixture is not degenerate
+
+
+def test_iterations_cycle_like_caffe(tmp_path) -> None:
+    model, images, labels, w, b, m = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    got = evaluate(model, tmp_path / "w.caffemodel", iterations=3, num_workers=0, base_dir=tmp_path)
+    # caffe test -iterations 3 with batch 3: images 0..6 then 0, 1 again (the feed cycles)
+    idx = np.array([0, 1, 2, 3, 4, 5, 6, 0, 1])
+    _check(got, _expected(images[idx], labels[idx], w, b, m, ten=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tmp: str, out) -> None:
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), RESNET_IMAGENET_GLOO="1")  # fmt: skip
+    torch.set_num_threads(1)
+    r = evaluate(f"{tmp}/train_val.prototxt", f"{tmp}/w.caffemodel", num_workers=0, base_dir=tmp)
+    out.put((rank, r))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_count_each_image_once(tmp_path) -> None:
+    model, images, labels, w, b, m = _setup(tmp_path, 'mean_file: "mean.binaryproto"', seed=3)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), q), nprocs=2, start_method="spawn")
+    results = dict(q.get(timeout=60) for _ in range(2))
+    want = _expected(images, labels, w, b, m, ten=False)
+    for r in results.values():  # ranks hold 4 and 3 images; the all-reduced totals are the single-process ones
+        _check(r, want)
+
+
+def test_cli_prints_summary(tmp_path, capsys, monkeypatch) -> None:
+    model, images, labels, w, b, m = _setup(tmp_path, 'mean_file: "mean.binaryproto"')
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["test", "--model", str(model), "--weights", "w.caffemodel", "--workers", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    want = _expected(images, labels, w, b, m, ten=False)
+    assert out == [f"images = {N_IMAGES}", f"top-1 = {want['top-1']:.5f}", f"top-5 = {want['top-5']:.5f}",
+                   f"loss = {want['loss']:.5f}"]  # fmt: skip
+    assert cli.main(["test", "--model", str(model), "--weights", "missing.caffemodel"]) == 1
+    assert "missing.caffemodel" in capsys.readouterr().err
