@@ -101,6 +101,8 @@ class CaffeNet(nn.Module):
         # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs
         self.output_names = available
         self.blob_shapes = shapes
+        self._source_order = [lp.name for lp in net_param.layer]
+        self._lp_index = {lp.name: lp for lp in self.layer_params}
         self._plan_fusion()
         self.train(phase == caffe_pb2.TRAIN)
         self._legacy: set[tuple[str, int]] = set()
@@ -112,31 +114,38 @@ class CaffeNet(nn.Module):
             if w:
                 self.loss_weights[top] = float(w)
 
+    # Layers whose backward does not need their own output, so a following in-place ReLU is safe.
+    _INPLACE_OK_AFTER = frozenset({"Convolution", "BatchNorm", "Scale", "Eltwise", "InnerProduct", "Pooling", "Concat"})
+
     def _plan_fusion(self) -> None:
         """BatchNorm directly followed by a one-bottom Scale on its top runs as one batch_norm call
-        (the affine folded in, as torch's BatchNorm2d does); in-place ReLUs overwrite their input."""
-        names = [lp.name for lp in self.layer_params]
+        (the affine folded in, as torch's BatchNorm2d does); in-place ReLUs overwrite their input
+        where nothing else has read it yet and the producing layer does not need it for backward."""
         consumers: dict[str, int] = {}
         for lp in self.layer_params:
             for b in lp.bottom:
                 consumers[b] = consumers.get(b, 0) + 1
-        self._fused_scale: dict[str, str] = {}  # bn layer name -> scale layer name
-        for i, lp in enumerate(self.layer_params[:-1]):
-            nxt = self.layer_params[i + 1]
+        self._fused_scale: dict[str, str] = {}  # BatchNorm layer name -> Scale layer name
+        self._bn_top: dict[str, str] = {}  # BatchNorm layer name -> its top blob
+        for lp, nxt in zip(self.layer_params, self.layer_params[1:]):
             if lp.type == "BatchNorm" and nxt.type == "Scale" and list(nxt.bottom) == [lp.top[0]]:
                 sc = self.layers[nxt.name]
-                if (
-                    sc.axis == 1
-                    and len(sc.view) == len(self.blob_shapes[lp.top[0]]) - 1
-                    and (nxt.top[0] == lp.top[0] or consumers.get(lp.top[0], 0) == 1)
-                ):
+                per_channel = sc.axis == 1 and len(sc.view) == len(self.blob_shapes[lp.top[0]]) - 1
+                if per_channel and (nxt.top[0] == lp.top[0] or consumers.get(lp.top[0], 0) == 1):
                     self._fused_scale[lp.name] = nxt.name
-        self._skip = set(self._fused_scale.values())
-        inputs = set(self.input_names)
+                    self._bn_top[lp.name] = lp.top[0]
+        self._fused_tops = {self._lp_index[s].top[0] for s in self._fused_scale.values()}
+        producer: dict[str, str] = {}
+        read: set[str] = set()
         for lp in self.layer_params:
-            if lp.type == "ReLU" and list(lp.top) == list(lp.bottom) and lp.bottom[0] not in inputs:
-                self.layers[lp.name].inplace = True
-        del names
+            if lp.type == "ReLU" and list(lp.top) == list(lp.bottom):
+                b = lp.bottom[0]
+                if b not in read and producer.get(b) in self._INPLACE_OK_AFTER:
+                    self.layers[lp.name].inplace = True
+            read.update(lp.bottom)
+            for t in lp.top:
+                producer[t] = lp.type
+                read.discard(t)
 
     def forward(self, *args: torch.Tensor, blobs: Sequence[str] | None = None, **inputs: torch.Tensor):
         """Run the net. Positional tensors fill ``input_names`` in order; keywords name inputs.
@@ -154,9 +163,11 @@ class CaffeNet(nn.Module):
         unknown = want - set(self.blob_shapes)
         if unknown:
             raise KeyError(f"unknown blob(s) {sorted(unknown)}")
-        unfuse = {bn for bn in self._fused_scale if self.layer_params_by_name(bn).top[0] in want}
+        # A request for a BatchNorm's own output (not in-place under its Scale) runs that pair unfused.
+        unfuse = {bn for bn, top in self._bn_top.items() if top in want and top not in self._fused_tops}
+        skip = {sc for bn, sc in self._fused_scale.items() if bn not in unfuse}
         for lp in self.layer_params:
-            if lp.name in self._skip and not any(self._fused_scale[b] == lp.name for b in unfuse):
+            if lp.name in skip:
                 continue
             module = self.layers[lp.name]
             try:
@@ -169,7 +180,7 @@ class CaffeNet(nn.Module):
             if scale_name is not None and lp.name not in unfuse:
                 sc = self.layers[scale_name]
                 out = module(bottoms[0], sc.weight, sc.bias)
-                values[self.layer_params_by_name(scale_name).top[0]] = out
+                values[self._lp_index[scale_name].top[0]] = out
                 continue
             out = module(*bottoms)
             tops = out if isinstance(out, tuple) else (out,)
@@ -178,11 +189,6 @@ class CaffeNet(nn.Module):
         if blobs is not None:
             return {b: values[b] for b in blobs}
         return {b: values[b] for b in self.output_names if b in values}
-
-    def layer_params_by_name(self, name: str) -> caffe_pb2.LayerParameter:
-        if not hasattr(self, "_lp_index"):
-            self._lp_index = {lp.name: lp for lp in self.layer_params}
-        return self._lp_index[name]
 
     def learnable(self) -> list[tuple[str, int, nn.Parameter, float, float]]:
         """(layer, blob index, parameter, lr_mult, decay_mult) for every learnable blob."""
@@ -202,24 +208,16 @@ class CaffeNet(nn.Module):
         """The net as a NetParameter (what Caffe's Net::ToProto writes), blobs included."""
         net = caffe_pb2.NetParameter(name=self.name)
         net.state.phase = self.phase
-        modules = dict(self.layers.items())
-        for lp in self.data_layers + self.layer_params:
+        params = {lp.name: lp for lp in self.data_layers + self.layer_params}
+        for name in self._source_order:
             out = net.layer.add()
-            out.CopyFrom(lp)
+            out.CopyFrom(params[name])
             out.ClearField("blobs")
-            if with_blobs and lp.name in modules:
-                for i, t in enumerate(modules[lp.name].blobs()):
-                    legacy = (lp.name, i) in self._legacy
+            if with_blobs and name in self.layers:
+                for i, t in enumerate(self.layers[name].blobs()):
+                    legacy = (name, i) in self._legacy
                     out.blobs.append(array_to_blob(t.detach().float().cpu().numpy(), legacy=legacy))
-        # data layers first in Caffe's order of appearance
-        order = {lp.name: k for k, lp in enumerate(self._all_layers_in_order())}
-        layers = sorted(net.layer, key=lambda x: order[x.name])
-        net.ClearField("layer")
-        net.layer.extend(layers)
         return net
-
-    def _all_layers_in_order(self) -> list[caffe_pb2.LayerParameter]:
-        return getattr(self, "_source_order", None) or (self.data_layers + self.layer_params)
 
     def save_caffemodel(self, path: str | os.PathLike) -> None:
         """Write Caffe's binary NetParameter with blobs (through a temporary file)."""

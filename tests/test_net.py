@@ -150,3 +150,29 @@ def test_reference_prototxts_parse_and_build(reference_dir):
     assert sum(p.numel() for _, _, p, _, _ in deploy.learnable()) == 25_557_096
     assert deploy.blob_shapes["pool1"] == (1, 64, 56, 56)
     assert deploy.output_names == ["prob"]
+
+
+def test_inplace_relu_is_safe_for_backward_and_split_aliases():
+    text = """
+    layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 2 dim: 3 dim: 3 } } }
+    layer { name: "c0" type: "Convolution" bottom: "data" top: "y"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "c1" type: "Convolution" bottom: "y" top: "a"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "r" type: "ReLU" bottom: "y" top: "y" }
+    layer { name: "s" type: "Split" bottom: "a" top: "a1" top: "a2" }
+    layer { name: "r2" type: "ReLU" bottom: "a1" top: "a1" }
+    layer { name: "sum" type: "Eltwise" bottom: "y" bottom: "a1" bottom: "a2" top: "out" }
+    """
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    assert not net.layers["r"].inplace  # c1 read y first (and saved it for its weight gradient)
+    assert not net.layers["r2"].inplace  # a1 aliases a2
+    x = torch.randn(2, 2, 3, 3)
+    out = net(x, blobs=["y", "a", "a2", "out"])
+    torch.testing.assert_close(out["a2"], out["a"])  # a2 is not rectified
+    out["out"].sum().backward()
+    w0, w1 = net.layers["c0"].weight, net.layers["c1"].weight
+    y_pre = torch.nn.functional.conv2d(x, w0.detach())
+    a = torch.nn.functional.conv2d(y_pre, w1.detach())
+    torch.testing.assert_close(out["out"], torch.relu(y_pre) + torch.relu(a) + a)
+    assert w0.grad is not None and w1.grad is not None
