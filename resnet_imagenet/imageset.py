@@ -240,7 +240,8 @@ def build_db(
     t0 = time.time()
     first_shape = None
     with atomic_path(db, is_dir=True) as tmp:
-        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, map_async=True, max_dbs=0)
+        # no fsync per commit: the DB is under a temporary name until env.sync(True) below
+        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
         try:
             pending: list[tuple[bytes, bytes]] = []
             bar = tqdm(total=total, unit="img", disable=not progress, desc=db.name, smoothing=0.05)
