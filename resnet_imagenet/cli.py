@@ -198,7 +198,9 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot_log", help="plot training loss (raw and smoothed) and accuracy against iteration")
     p.add_argument("log", help="training log (ours or real Caffe's)")
     p.add_argument("-o", "--output", required=True, help="image to write (.png, .pdf, .svg)")
-    p.add_argument("--smooth", type=int, default=None, help="moving-average window in displays (default: n/40)")
+    p.add_argument(
+        "--smooth", type=int, default=None, help="moving-average window in displays (default: n/40, at least 3)"
+    )
     p.set_defaults(func=_cmd_plot_log)
 
     p = sub.add_parser("test", help="score a trained net on its TEST phase data (caffe test): top-1, top-5, loss")
@@ -222,10 +224,17 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=_cmd_classify)
 
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in dataset, in a few CPU minutes (make demo)")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out; a rerun replaces it)")
+    p.add_argument("--max-iter", type=int, default=None, help="training iterations (default: the zoo solver's)")
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("demo_data", help="write the built-in demo dataset (JPEGs in class folders, train and val)")
     p.add_argument("outdir", help="folder to create (OUTDIR/train/<class>/*.jpg, OUTDIR/val/..., list files)")
-    p.add_argument("--train-per-class", type=int, default=120)
-    p.add_argument("--val-per-class", type=int, default=30)
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     p.set_defaults(func=_cmd_demo_data)
@@ -278,6 +287,21 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             failed += 1
             print(f"resnet-imagenet classify: error: {path}: {e}", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from resnet_imagenet.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), max_iter=args.max_iter, train_per_class=args.train_per_class,
+                     val_per_class=args.val_per_class)  # fmt: skip
+    try:
+        run_demo(cfg)
+    except RuntimeError as e:
+        print(f"resnet-imagenet demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:

@@ -157,8 +157,8 @@ def _image_rng(seed: int, split: str, label: int, index: int) -> np.random.Gener
 def write_demo_dataset(
     root: str | os.PathLike,
     *,
-    train_per_class: int = 120,
-    val_per_class: int = 30,
+    train_per_class: int = 100,
+    val_per_class: int = 50,
     seed: int = 0,
     min_size: int = 64,
     max_size: int = 96,

@@ -236,7 +236,7 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, *, smooth: int | N
     if not parsed.train and not parsed.test:
         raise ValueError(f"{path}: no training or test iterations found (not a Caffe-format log?)")
     its, loss = training_loss(parsed)
-    window = smooth or max(1, len(its) // 40)
+    window = smooth or (max(3, len(its) // 40) if len(its) >= 6 else 1)
     fig = Figure(figsize=(9, 7), dpi=100)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.plot(its, loss, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss (raw, per display)")
