@@ -76,6 +76,19 @@ def ten_crops(
             yield c * scale if scale != 1 else c
 
 
+def _ten_crop_batches(images: Iterator, batch_size: int, crop: int, mean, scale: float) -> Iterator:
+    """Single raw images (1, C, H, W) -> batches of (n, 10, C, crop, crop) crops and (n,) labels."""
+    xs, ys = [], []
+    for x, y in images:
+        xs.append(torch.stack(list(ten_crops(x, crop, mean, scale)), dim=1))
+        ys.append(y)
+        if len(xs) == batch_size:
+            yield torch.cat(xs), torch.cat(ys)
+            xs, ys = [], []
+    if xs:
+        yield torch.cat(xs), torch.cat(ys)
+
+
 class _Tally:
     """Sums over scored images: correct@1, correct@5, summed loss, count (float64 for exact all-reduce)."""
 
@@ -152,33 +165,38 @@ def evaluate(
     if label_name is None:
         raise ValueError(f"{model}: data layer '{layer.name}' has no label top")
     crop = layer.transform_param.crop_size
+    batch_size = layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
     if ten_crop:
         if not crop:
             raise ValueError(f"{model}: --ten-crop needs transform_param.crop_size in layer '{layer.name}'")
         raw = caffe_pb2.LayerParameter()
         raw.CopyFrom(layer)
-        raw.transform_param.Clear()  # full images, raw pixels: crops, mean and scale are applied here
+        raw.transform_param.Clear()  # whole images, raw pixels: crops, mean and scale are applied here
         raw.transform_param.force_color = layer.transform_param.force_color
         raw.transform_param.force_gray = layer.transform_param.force_gray
+        # one image per feed batch: images may differ in size (--min_dim 256 LMDBs); crops are batched below
+        (raw.data_param if raw.type == "Data" else raw.image_data_param).batch_size = 1
         layer = raw
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     feed = DataFeed(layer, "test", rank=rank, world_size=world, num_workers=num_workers, device=device, base_dir=base)
-    tp = net.data_layers[net.data_layers.index(feeds[0])].transform_param
-    mean = _mean_tensor(tp, base, 1 if tp.force_gray else 3) if ten_crop else None
+    tp = feeds[0].transform_param
     tally = _Tally(device)
-    batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations))
+    per_batch = batch_size if ten_crop else 1
+    batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations * per_batch))
+    if ten_crop:
+        mean = _mean_tensor(tp, base, 1 if tp.force_gray else 3)
+        batches = _ten_crop_batches(batches, batch_size, crop, mean, float(tp.scale))
+    data_name = feeds[0].top[0]
     with torch.inference_mode():
         for i, (x, label) in enumerate(batches):
-            inputs = {name: x for name in net.input_names if name != label_name}
+            n = len(label)
+            x = x.flatten(0, 1) if ten_crop else x  # (n, 10, C, c, c) -> (10n, C, c, c), crops of an image together
+            lab = label.repeat_interleave(10) if ten_crop else label
+            scores = net(**{data_name: x, label_name: lab}, blobs=[blob])[blob].float().flatten(1)
             if ten_crop:
-                probs = None
-                for c in ten_crops(x, crop, mean, float(tp.scale)):
-                    inputs[feeds[0].top[0]] = c
-                    p = F.softmax(net(**inputs, **{label_name: label}, blobs=[blob])[blob].float(), dim=1)
-                    probs = p if probs is None else probs + p
-                b = tally.add(probs / 10, label, probs=True)
+                b = tally.add(F.softmax(scores, dim=1).view(n, 10, -1).mean(1), label, probs=True)
             else:
-                b = tally.add(net(**inputs, **{label_name: label}, blobs=[blob])[blob], label, probs=False)
+                b = tally.add(scores, label, probs=False)
             if rank == 0 and on_batch is not None:
                 on_batch(i, _Tally.summary(b))
     feed.close()

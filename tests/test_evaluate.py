@@ -143,3 +143,31 @@ def test_cli_prints_summary(tmp_path, capsys, monkeypatch) -> None:
                    f"loss = {want['loss']:.5f}"]  # fmt: skip
     assert cli.main(["test", "--model", str(model), "--weights", "missing.caffemodel"]) == 1
     assert "missing.caffemodel" in capsys.readouterr().err
+
+
+def test_ten_crop_images_of_different_sizes(tmp_path) -> None:
+    # --min_dim 256 LMDBs keep the aspect ratio: each image gets its own corners.
+    model, _, _, w, b, _ = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    rng = np.random.default_rng(7)
+    shapes = [(6, 6), (7, 6), (6, 8), (8, 7), (4, 5)]
+    images = [rng.integers(0, 256, size=(h, v, 3), dtype=np.uint8) for h, v in shapes]
+    labels = rng.integers(0, CLASSES, size=len(images))
+    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(), delete=False)
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
+    env.close()
+    got = evaluate(model, tmp_path / "w.caffemodel", ten_crop=True, num_workers=0, base_dir=tmp_path)
+    mean = np.array([10.0, 20.0, 30.0]).reshape(3, 1, 1)
+    probs = []
+    for img in images:
+        x = (img.transpose(2, 0, 1) - mean) * 0.5
+        crops = [x[:, h : h + CROP, v : v + CROP] for h, v in crop_offsets_10(*img.shape[:2], CROP)]
+        z = np.stack([c.ravel() for c in crops + [c[..., ::-1] for c in crops]]) @ w.T + b
+        e = np.exp(z - z.max(1, keepdims=True))
+        probs.append((e / e.sum(1, keepdims=True)).mean(0))
+    probs = np.array(probs)
+    assert got["images"] == len(images)
+    assert got["top-1"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
+    assert got["loss"] == pytest.approx(float(np.mean(-np.log(probs[np.arange(len(labels)), labels]))), rel=1e-5)
