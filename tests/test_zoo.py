@@ -163,7 +163,7 @@ def test_alexnet_is_bvlc_alexnet() -> None:
     net = read_net(ZOO / "alexnet" / "train_val.prototxt")
     convs = [(layer.name, layer.convolution_param.group) for layer in net.layer if layer.type == "Convolution"]
     assert convs == [("conv1", 1), ("conv2", 2), ("conv3", 1), ("conv4", 2), ("conv5", 2)]
-    lrn = [(layer.name, layer.lrn_param.local_size, layer.lrn_param.alpha) for layer in net.layer if layer.type == "LRN"]
+    lrn = [(x.name, x.lrn_param.local_size, x.lrn_param.alpha) for x in net.layer if x.type == "LRN"]
     assert lrn == [("norm1", 5, pytest.approx(1e-4)), ("norm2", 5, pytest.approx(1e-4))]
     drop = [(layer.name, layer.dropout_param.dropout_ratio) for layer in net.layer if layer.type == "Dropout"]
     assert drop == [("drop6", 0.5), ("drop7", 0.5)]
