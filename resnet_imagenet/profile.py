@@ -99,7 +99,8 @@ def print_summary(model_path: str | os.PathLike, phase: str = "test", batch: int
         tops = ", ".join(_shape(t) for t in x.top_shapes)
         print(f"{x.name:{width}}{x.type:18}{tops:22}{x.params:>14,}{x.macs:>18,}")
     print(f"Total learnable parameters: {s.params:,}")
-    print(f"Total MACs: {s.macs:,} ({s.macs / 1e9:.2f} G) for batch {batch}")
+    short = f"{s.macs / 1e9:.2f} G" if s.macs >= 1e8 else f"{s.macs / 1e6:.2f} M"
+    print(f"Total MACs: {s.macs:,} ({short}) for batch {batch}")
     return s
 
 
