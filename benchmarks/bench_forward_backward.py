@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision
+
 from resnet_imagenet.net import load_net
 
 REPO = Path(__file__).resolve().parents[1]
