@@ -51,11 +51,26 @@ def _add_net_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size to report shapes for (default 1)")
     p.set_defaults(func=_cmd_summary)
 
+    p = sub.add_parser("time", help="caffe time: average forward and backward time per layer and per iteration")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50, as caffe time)")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device id (default: CPU)")
+    p.add_argument("--phase", default="train", choices=["train", "test"], help="default train, as caffe time")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the data layers' own)")
+    p.set_defaults(func=_cmd_time)
+
 
 def _cmd_summary(args: argparse.Namespace) -> int:
     from resnet_imagenet.profile import print_summary
 
     print_summary(args.model, phase=args.phase, batch=args.batch)
+    return 0
+
+
+def _cmd_time(args: argparse.Namespace) -> int:
+    from resnet_imagenet.profile import time_net
+
+    time_net(args.model, iterations=args.iterations, gpu=args.gpu, phase=args.phase, batch=args.batch)
     return 0
 
 
