@@ -11,7 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _find_reference() -> Path | None:
-    candidates = [REPO.parent / "shared" / "reference", Path(os.environ.get("RESNET_IMAGENET_REFERENCE", "/nonexistent"))]
+    candidates = [
+        REPO.parent / "shared" / "reference",
+        Path(os.environ.get("RESNET_IMAGENET_REFERENCE", "/nonexistent")),
+    ]
     for c in candidates:
         if (c / "SOURCES.md").is_file():
             return c
