@@ -66,7 +66,7 @@ def read_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
 
 
 def to_text(message: Message) -> str:
-    return text_format.MessageToString(message, float_format=".9g")
+    return text_format.MessageToString(message)  # floats print as their shortest float32 repr
 
 
 def write_prototxt(message: Message, path: str | os.PathLike) -> None:
