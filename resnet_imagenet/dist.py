@@ -95,8 +95,11 @@ def init_procs(gpu: str | None) -> Procs:
     return procs
 
 
-def close_procs(procs: Procs) -> None:
+def close_procs(procs: Procs, clean: bool = True) -> None:
+    """Leave the process group; after a clean run wait for the others first (not after an error: they may be gone)."""
     if procs.distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()  # no process leaves while rank 0 still tests or snapshots
         dist.destroy_process_group()
 
 

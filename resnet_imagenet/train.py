@@ -78,12 +78,10 @@ def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, 
     if sp.HasField("net_param"):
         general = train = sp.net_param
     elif sp.HasField("net"):
-        log.info("Creating training net from net file: %s", sp.net)
         general = train = read_net(sp.net)
     elif sp.HasField("train_net_param"):
         train = sp.train_net_param
     else:
-        log.info("Creating training net from train_net file: %s", sp.train_net)
         train = read_net(sp.train_net)
     tests = list(sp.test_net_param) + [read_net(p) for p in sp.test_net]
     if not tests and general is not None:
@@ -163,7 +161,6 @@ class Trainer:
             raise ValueError(f"{opts.solver}: max_iter must be > 0")
         self.sp = sp
         self.prefix = resolve_snapshot_prefix(sp, opts.solver)
-        log.info("Initializing solver from parameters: \n%s", to_text(sp))
         gpu = opts.gpu if opts.gpu is not None or sp.solver_mode == sp.GPU else "cpu"
         if opts.check:
             rank, _, world, local_world = D.env_procs()
@@ -173,13 +170,9 @@ class Trainer:
             ids = D.parse_gpus(gpu, D.env_procs()[3])
             self.procs = D.init_procs(gpu)
         P, dev = self.procs, self.procs.device
-        if ids is None:
-            log.info("Use CPU.")
-        else:
-            log.info("Using GPUs %s", ", ".join(str(i) for i in ids))
+        self.gpu_ids = ids
         self.amp_dtype = None
         if dev.type == "cuda":
-            log.info("GPU %d: %s", dev.index, torch.cuda.get_device_name(dev))
             torch.backends.cudnn.benchmark = opts.cudnn_benchmark
             if opts.amp:
                 self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -193,24 +186,20 @@ class Trainer:
         self.seed = self.state["seed"] if self.state else D.broadcast_int(seed, P) if not opts.check else seed
         torch.manual_seed(self.seed)  # caffe: Caffe::set_random_seed -- the same initial weights everywhere
         train_param, test_params = solver_nets(sp)
-        log.info("Initializing net from parameters: \n%s", to_text(train_param))
+        self.net_params = [train_param] + test_params
         self.net = CaffeNet(train_param, TRAIN)
         if not self.net.loss_weights:
             raise ValueError("the TRAIN net has no loss (no *Loss layer or loss_weight)")
         self.test_nets: list[CaffeNet] = []
         if P.rank == 0:
-            for i, tp in enumerate(test_params):
-                log.info("Creating test net (#%d) specified by the solver", i)
-                log.info("Initializing net from parameters: \n%s", to_text(tp))
+            for tp in test_params:
                 self.test_nets.append(CaffeNet(tp, TEST))
         if opts.weights:
-            log.info("Finetuning from %s", opts.weights)
             self.net.load_caffemodel(opts.weights)
         if self.state:
-            log.info("Restoring previous solver status from %s", opts.snapshot)
             self.net.load_caffemodel(self.resume_model)
         if opts.sync_bn:
-            log.info("Synchronised BatchNorm: %d layers", D.convert_sync_batchnorm(self.net))
+            D.convert_sync_batchnorm(self.net)
         self.net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         for t in self.test_nets:
             share_weights(t, self.net)
@@ -241,6 +230,34 @@ class Trainer:
         self.loss_start_iter = 0
         self.last_snapshot: str | None = None
         self.early_exit = False
+
+    def _log_setup(self) -> None:
+        """What Caffe logs while it sets up: the resolved solver, the nets, the devices, the starting point."""
+        opts, dev = self.opts, self.procs.device
+        log.info("Initializing solver from parameters: \n%s", to_text(self.sp))
+        if self.gpu_ids is None:
+            log.info("Use CPU.")
+        else:
+            log.info("Using GPUs %s", ", ".join(str(i) for i in self.gpu_ids))
+            log.info("GPU %d: %s", dev.index, torch.cuda.get_device_name(dev))
+            amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[self.amp_dtype]
+            log.info("AMP %s, channels_last %s, cudnn.benchmark %s", amp, self.channels_last, opts.cudnn_benchmark)
+        log.info("%d process(es), batch %d per process, random seed %d", self.procs.world_size,
+                 sum(f.batch_size for f, _ in self.feeds), self.seed)  # fmt: skip
+        for i, np_ in enumerate(self.net_params):
+            if i == 0:
+                if self.sp.HasField("net") or self.sp.HasField("train_net"):
+                    log.info("Creating training net from net file: %s", self.sp.net or self.sp.train_net)
+                log.info("Initializing net from parameters: \n%s", to_text(np_))
+            elif self.procs.rank == 0:
+                log.info("Creating test net (#%d) specified by the solver", i - 1)
+                log.info("Initializing net from parameters: \n%s", to_text(np_))
+        if opts.sync_bn:
+            log.info("BatchNorm statistics are synchronised across processes")
+        if opts.weights:
+            log.info("Finetuning from %s", opts.weights)
+        if self.state:
+            log.info("Restoring previous solver status from %s", opts.snapshot)
 
     def _feeds(self, net: CaffeNet, phase: int, rank: int, world: int, workers: int) -> list[tuple[DataFeed, list[str]]]:
         out = []
@@ -447,6 +464,7 @@ class Trainer:
         else:
             # different random streams per process (dropout), the same data order everywhere
             torch.manual_seed(self.seed + P.rank)
+        self._log_setup()
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", sp.lr_policy)
         with Signals(self.opts.sigint_effect, self.opts.sighup_effect) as self.signals:
@@ -467,11 +485,11 @@ class Trainer:
                     self.test(i)
         log.info("Optimization Done.")
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
         for feed, _ in self.feeds + [f for feeds in self.test_feeds for f in feeds]:
             feed.close()
         if not self.opts.check:
-            D.close_procs(self.procs)
+            D.close_procs(self.procs, clean)
 
 
 class _UpdateStep(torch.optim.Optimizer):
@@ -488,11 +506,13 @@ class _UpdateStep(torch.optim.Optimizer):
 def train(opts: TrainOptions) -> int:
     """Run ``resnet-imagenet train``. Returns 0; raises ValueError on bad input, TrainingDiverged on NaN."""
     trainer = Trainer(opts)
+    clean = False
     try:
         if opts.check:
             log.info("Check passed: solver, nets, data%s are usable", " and weights" if opts.weights or opts.snapshot else "")
-            return 0
-        trainer.solve()
+        else:
+            trainer.solve()
+        clean = True
     finally:
-        trainer.close()
+        trainer.close(clean)
     return 0
