@@ -76,9 +76,8 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
         description="caffe train: SGD/Nesterov/Adam from a solver prototxt, _iter_N snapshots, exact resume.",
     )
     p.add_argument("--solver", required=True, help="solver prototxt (paths inside resolve from the cwd, as Caffe)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--snapshot", help="resume from a .solverstate (its .caffemodel is found beside it)")
-    g.add_argument("--weights", help="fine-tune from .caffemodel(s), comma separated")
+    p.add_argument("--snapshot", help="resume from a .solverstate (its .caffemodel is found beside it)")
+    p.add_argument("--weights", help="fine-tune from .caffemodel(s), comma separated (not with --snapshot)")
     p.add_argument("--gpu", help="cpu, cpu:N, all, or GPU ids like 0,1,2,3 (one process per GPU); default: GPUs if any")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="GPU: no mixed precision (fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="GPU: NCHW memory layout")

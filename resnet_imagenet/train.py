@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -221,9 +222,11 @@ class Trainer:
         if P.distributed and not opts.check:
             kw = {"device_ids": [dev]} if dev.type == "cuda" else {}
             # Per-process BatchNorm statistics, as Caffe's P2PSync: buffers are not broadcast.
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, broadcast_buffers=False, gradient_as_bucket_view=True, **kw
-            )
+            with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers but has no rank-local successor
+                warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    self.net, broadcast_buffers=False, gradient_as_bucket_view=True, **kw
+                )
         self.iter = 0
         self.losses: list[float] = []
         self.smoothed_loss = 0.0

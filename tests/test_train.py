@@ -264,3 +264,36 @@ def test_sighup_snapshots_and_sigint_stops(project, tmp_path):
     first, last = (int(p.stem.split("_")[-1]) for p in states)
     assert 3 < first < last < 100000  # SIGHUP went on training; SIGINT snapshotted and stopped
     assert torch.load(states[-1], weights_only=True)["iter"] == last
+
+
+@pytest.mark.slow
+def test_sync_bn_two_processes_equal_one_with_double_batch(project, caplog, tmp_path):
+    # with --sync-bn the batch statistics span both processes: the same as one process with batch 2B
+    run(project(batch=8, bn=True, max_iter=3, snapshot=0), caplog)
+    one = load_net("net.prototxt", weights="snap/tiny_iter_3.caffemodel", phase="test")
+    project(batch=4, bn=True, max_iter=3, snapshot=0)
+    torchrun(2, "--solver", "solver.prototxt", "--sync-bn", cwd=tmp_path)
+    two = load_net("net.prototxt", weights="snap/tiny_iter_3.caffemodel", phase="test")
+    for name in ("conv1", "bn1", "scale1", "fc"):
+        for a, b in zip(one.layers[name].blobs(), two.layers[name].blobs()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def train_sh(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    return subprocess.run([str(REPO / "train.sh"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_train_sh_bad_input_fails_before_starting(project, tmp_path):
+    project()
+    Path("tiny").mkdir()
+    Path("tiny/tiny_solver.prototxt").write_text(Path("solver.prototxt").read_text())
+    for args, msg in [
+        (("99", "tiny", "tiny_"), "GPU 99 does not exist"),
+        (("cpu", "tiny", "other_"), "tiny/other_solver.prototxt: no such solver"),
+        (("cpu", "nonet", "tiny_"), "no net folder prototxt_like/nonet"),
+        (("cpu:0", "tiny", "tiny_"), "expected cpu:N"),
+    ]:
+        r = train_sh(*args, cwd=tmp_path)
+        assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, (args, r.stderr)
+    assert not Path("logs").exists() and not Path("snap").exists()
