@@ -10,8 +10,8 @@
 # Run it from the project root: paths in the solver and the net (net:, snapshot_prefix, LMDB sources)
 # resolve from the current directory, as Caffe's do. The log is tee'd to logs/${NET}_${OTHER}_<date>.log.
 # Multi-node: the same command on every node with torchrun's rendezvous flags in TORCHRUN_ARGS, e.g.
-#   TORCHRUN_ARGS="--nnodes 2 --node_rank 0 --rdzv_id job1 --rdzv_backend c10d --rdzv_endpoint node0:29500" \
-#     ./train.sh 0,1,2,3 resnet_50 resnet_50_
+#   TORCHRUN_ARGS="--nnodes 2 --node_rank 0 --master_addr node0 --master_port 29500" ./train.sh 0,1,2,3 resnet_50 resnet_50_
+#   (node_rank 1 on the second node; snapshots are written by global rank 0, on node 0)
 set -uo pipefail
 
 die() { echo "train.sh: error: $*" >&2; exit 1; }

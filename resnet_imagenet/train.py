@@ -358,7 +358,8 @@ class Trainer:
         net, feeds, n = self.test_nets[i], self.test_feeds[i], self.sp.test_iter[i]
         log.info("Iteration %d, Testing net (#%d)", self.iter, i)
         scores, loss = None, 0.0
-        with torch.no_grad(), self._autocast():
+        # fp32 even under AMP: bf16 logits tie often, and Caffe's Accuracy counts ties against the label
+        with torch.no_grad():
             for _ in range(n):
                 if self.signals.pending == STOP:
                     log.info("Test interrupted.")
