@@ -82,10 +82,14 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-amp", dest="amp", action="store_false", help="GPU: no mixed precision (fp32)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="GPU: NCHW memory layout")
     p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false", help="GPU: fixed conv kernels")
-    p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes (Caffe: per process)")
+    p.add_argument(
+        "--sync-bn", action="store_true", help="BatchNorm statistics over all processes (Caffe: per process)"
+    )
     p.add_argument("--workers", type=int, help="data loader processes per training process (default: from CPU count)")
     p.add_argument("--sigint-effect", default="stop", choices=["stop", "snapshot", "none"], help="default: stop")
-    p.add_argument("--sighup-effect", default="snapshot", choices=["stop", "snapshot", "none"], help="default: snapshot")
+    p.add_argument(
+        "--sighup-effect", default="snapshot", choices=["stop", "snapshot", "none"], help="default: snapshot"
+    )
     p.add_argument("--check", action="store_true", help="validate solver, nets, data, weights and GPUs, then exit")
     p.set_defaults(func=_cmd_train)
 

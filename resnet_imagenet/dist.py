@@ -159,4 +159,3 @@ def convert_sync_batchnorm(net: torch.nn.Module) -> int:
             m.__class__ = SyncCaffeBatchNorm
             n += 1
     return n
-

@@ -30,11 +30,15 @@ DEFAULT_DIR = "snapshots"
 
 
 def resolve_snapshot_prefix(sp: caffe_pb2.SolverParameter, solver_path: str | os.PathLike) -> str:
-    """caffe: UpgradeSnapshotPrefixProperty -- unset: ``snapshots/<solver name>``; a folder: ``folder/<solver name>``.
+    """caffe: UpgradeSnapshotPrefixProperty -- unset: ``snapshots/<name>``; a folder: ``folder/<name>``.
+
+    ``<name>`` is the solver file's name without ``.prototxt`` and a trailing ``_solver``.
 
     Relative prefixes stay relative to the working directory (the project root), as Caffe's do.
     """
     stem = Path(solver_path).stem
+    if stem.endswith("_solver"):
+        stem = stem[: -len("_solver")]  # resnet_50_solver.prototxt -> snapshots/resnet_50_iter_N
     if not sp.HasField("snapshot_prefix") or not sp.snapshot_prefix:
         return str(Path(DEFAULT_DIR) / stem)
     prefix = sp.snapshot_prefix
@@ -109,7 +113,9 @@ def load_solverstate(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a solverstate written by resnet-imagenet train ({e.__class__.__name__})") from None
+        raise ValueError(
+            f"{path}: not a solverstate written by resnet-imagenet train ({e.__class__.__name__})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a solverstate written by resnet-imagenet train")
     model = path.parent / state["learned_net"]

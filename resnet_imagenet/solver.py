@@ -219,11 +219,16 @@ class CaffeSolver:
     def load_state_dict(self, state: dict) -> None:
         if state["type"] != self.sp.type:
             raise ValueError(f"solverstate is for solver type {state['type']!r}, the solver says {self.sp.type!r}")
-        for mine, theirs, what in ((self.history, state["history"], "history"), (self.history2, state["history2"], "history2")):
+        for mine, theirs, what in (
+            (self.history, state["history"], "history"),
+            (self.history2, state["history2"], "history2"),
+        ):
             if len(mine) != len(theirs):
                 raise ValueError(f"solverstate has {len(theirs)} {what} blobs, the net has {len(mine)} learnable blobs")
             for i, (h, s) in enumerate(zip(mine, theirs)):
                 if tuple(h.shape) != tuple(s.shape):
                     name = self.learnables[i].name or f"#{i}"
-                    raise ValueError(f"solverstate {what} blob {name} has shape {tuple(s.shape)}, the net {tuple(h.shape)}")
+                    raise ValueError(
+                        f"solverstate {what} blob {name} has shape {tuple(s.shape)}, the net {tuple(h.shape)}"
+                    )
                 h.copy_(s)

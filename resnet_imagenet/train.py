@@ -70,11 +70,11 @@ def _hms(seconds: float) -> str:
 
 def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, list[caffe_pb2.NetParameter]]:
     """caffe: Solver::InitTrainNet / InitTestNets -- the TRAIN net and one TEST net per test_iter."""
-    train_sources = [("net_param", sp.HasField("net_param")), ("net", sp.HasField("net")),
-                     ("train_net_param", sp.HasField("train_net_param")), ("train_net", sp.HasField("train_net"))]  # fmt: skip
-    given = [name for name, has in train_sources if has]
+    given = [f for f in ("net", "net_param", "train_net", "train_net_param") if sp.HasField(f)]
     if len(given) != 1:
-        raise ValueError(f"the solver must give exactly one of net, net_param, train_net, train_net_param (has {given})")
+        raise ValueError(
+            f"the solver must give exactly one of net, net_param, train_net, train_net_param (has {given})"
+        )
     general = None
     if sp.HasField("net_param"):
         general = train = sp.net_param
@@ -112,7 +112,9 @@ def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
             if mine is None or theirs is None:
                 continue
             if mine.shape != theirs.shape:
-                raise ValueError(f"layer '{name}' blob {attr}: TEST net shape {tuple(mine.shape)}, TRAIN {tuple(theirs.shape)}")
+                raise ValueError(
+                    f"layer '{name}' blob {attr}: TEST net shape {tuple(mine.shape)}, TRAIN {tuple(theirs.shape)}"
+                )
             if attr in m._parameters:
                 m._parameters[attr] = theirs
             else:
@@ -262,11 +264,15 @@ class Trainer:
         if self.state:
             log.info("Restoring previous solver status from %s", opts.snapshot)
 
-    def _feeds(self, net: CaffeNet, phase: int, rank: int, world: int, workers: int) -> list[tuple[DataFeed, list[str]]]:
+    def _feeds(
+        self, net: CaffeNet, phase: int, rank: int, world: int, workers: int
+    ) -> list[tuple[DataFeed, list[str]]]:
         out = []
         for lp in net.data_layers:
             if lp.type not in ("Data", "ImageData"):
-                raise ValueError(f"layer '{lp.name}': a {lp.type} layer has no data to train on; use a Data layer (LMDB)")
+                raise ValueError(
+                    f"layer '{lp.name}': a {lp.type} layer has no data to train on; use a Data layer (LMDB)"
+                )
             feed = DataFeed(lp, phase, rank=rank, world_size=world, seed=self.seed, num_workers=workers,
                             device=self.procs.device, channels_last=self.channels_last)  # fmt: skip
             out.append((feed, list(lp.top)))
@@ -310,7 +316,11 @@ class Trainer:
             "rng": [x["rng"] for x in per_rank],
             "train_feeds": [x["feeds"] for x in per_rank],
             "test_feeds": [[f.state_dict() for f, _ in feeds] for feeds in self.test_feeds],
-            "smoothing": {"losses": list(self.losses), "smoothed": self.smoothed_loss, "start_iter": self.loss_start_iter},
+            "smoothing": {
+                "losses": list(self.losses),
+                "smoothed": self.smoothed_loss,
+                "start_iter": self.loss_start_iter,
+            },
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
         }
         _, state_path = save_snapshot(self.net, state, self.prefix, self.iter)
@@ -415,7 +425,10 @@ class Trainer:
                         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 loss_sum += loss.detach()
             pending = self.signals.take()
-            parts = [loss_sum.reshape(1) / iter_size, torch.tensor([pending == SNAPSHOT, pending == STOP], device=P.device)]
+            parts = [
+                loss_sum.reshape(1) / iter_size,
+                torch.tensor([pending == SNAPSHOT, pending == STOP], device=P.device),
+            ]
             if display:
                 parts.append(self._flat_outputs(self.net, out))
             red = self._reduce(torch.cat([p.float() for p in parts]))
@@ -513,7 +526,9 @@ def train(opts: TrainOptions) -> int:
     clean = False
     try:
         if opts.check:
-            log.info("Check passed: solver, nets, data%s are usable", " and weights" if opts.weights or opts.snapshot else "")
+            log.info(
+                "Check passed: solver, nets, data%s are usable", " and weights" if opts.weights or opts.snapshot else ""
+            )
         else:
             trainer.solve()
         clean = True

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resnet_imagenet.prototxt import parse_text
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prototxt import parse_text
 from resnet_imagenet.solver import CaffeSolver, Learnable, learning_rate, multistep_count
 
 
@@ -97,7 +97,9 @@ def test_sgd_l2_two_steps_with_mults_and_iter_size():
 
 
 def test_sgd_l1_uses_sign_of_weights():
-    sp = solver('lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 weight_decay: 0.1 iter_size: 2 regularization_type: "L1"')
+    sp = solver(
+        'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 weight_decay: 0.1 iter_size: 2 regularization_type: "L1"'
+    )
     b = blob([1.0, -2.0, 0.0], [0.5, 0.25, 0.0], lr_mult=2, decay_mult=0.5)
     CaffeSolver(sp, [b]).apply_update(0)
     # g = grad/2 + 0.05*sign(w) = [0.3, 0.075, 0]; v = 0.2*g

@@ -165,7 +165,9 @@ def test_nan_loss_stops_and_keeps_last_snapshot(project, capsys):
     assert cli_main(["train", "--solver", solver, "--workers", "0"]) == 3
     err = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
     assert len(err) == 1
-    m = re.match(r"resnet-imagenet train: error: Iteration (\d+), loss = (nan|inf|-inf): .*last good snapshot: (\S+)", err[0])
+    m = re.match(
+        r"resnet-imagenet train: error: Iteration (\d+), loss = (nan|inf|-inf): .*last good snapshot: (\S+)", err[0]
+    )
     assert m, err
     it = int(m.group(1))
     assert it < 20 and m.group(3) == f"snap/tiny_iter_{it}.solverstate"
