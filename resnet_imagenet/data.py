@@ -1,7 +1,7 @@
 """The loader: Caffe Data / ImageData layers as a deterministic, resumable, sharded torch pipeline.
 
 Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
-resize, crop and mirror into uint8 NHWC batches; the main process copies them to the device
+resize, crop and mirror into uint8 NCHW batches; the main process copies them to the device
 (pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale.
 
 Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
@@ -172,30 +172,33 @@ class _Batches(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
         pos, count = item
-        imgs, labels, geo = [], [], []
-        for p in range(pos, pos + count):
+        out, labels, geo = None, [], []
+        for k, p in enumerate(range(pos, pos + count)):
             epoch, idx = self.index(p)
             for attempt in range(min(self.recs.n, 64)):
                 j = (idx + attempt) % self.recs.n  # a bad record is replaced by the next good one
                 try:
-                    out, label, g = self.sample(epoch, j)
+                    img, label, g = self.sample(epoch, j)
                     break
                 except (ValueError, KeyError, OSError, DecodeError, cv2.error) as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
             else:
                 raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
-            imgs.append(out)
+            chw = img.transpose(2, 0, 1)  # raw records are CHW already: a view, copied once below
+            if out is None:
+                out = np.empty((count, *chw.shape), np.uint8)
+            elif chw.shape != out.shape[1:]:
+                raise ValueError(f"{self.recs.source}: images of sizes {chw.shape} and {out.shape[1:]} in one batch; "
+                                 "set crop_size")  # fmt: skip
+            out[k] = chw
             labels.append(label)
             geo.append(g)
         if torch.utils.data.get_worker_info() is None:
             # In the main process, hold no environment between batches: workers forked later could
             # not open the same LMDB (lmdb refuses a second open of one file in a process).
             self.recs.close()
-        shapes = {a.shape for a in imgs}
-        if len(shapes) > 1:
-            raise ValueError(f"{self.recs.source}: images of sizes {sorted(shapes)} in one batch; set crop_size")
         return {
-            "data": torch.from_numpy(np.ascontiguousarray(np.stack(imgs))),  # N,H,W,C uint8
+            "data": torch.from_numpy(out),  # N,C,H,W uint8
             "label": torch.tensor(labels, dtype=torch.int64),
             "geo": torch.tensor(geo, dtype=torch.int64),  # h_off, w_off, flip, src_h, src_w
         }
@@ -324,9 +327,9 @@ class DataFeed:
         )  # fmt: skip
 
     def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 NHWC batch -> float32 NCHW on the device, mean-subtracted then scaled."""
+        """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
         nb = self.device.type == "cuda"
-        x = b["data"].to(self.device, non_blocking=nb).permute(0, 3, 1, 2).float()
+        x = b["data"].to(self.device, non_blocking=nb).float()
         label = b["label"].to(self.device, non_blocking=nb)
         if self._mean is not None:
             m = self._mean
@@ -344,11 +347,12 @@ class DataFeed:
                 m = m[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
             elif m.dim() == 3:  # crop-sized mean, mirrored along with the image
                 m = torch.where(flip, m.flip(-1), m)
-            x = x - m
+            x.sub_(m)
         if self._scale != 1:
-            x = x * self._scale  # caffe: (pixel - mean) * scale
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt), label
+            x.mul_(self._scale)  # caffe: (pixel - mean) * scale
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, label
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:

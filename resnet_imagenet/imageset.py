@@ -224,6 +224,7 @@ def build_db(
     meta: dict | None = None,
     keys: Callable[[int, str], int] | None = None,
     progress: bool = True,
+    map_size: int = 1 << 30,
 ) -> Summary:
     """Write the Datums of ``tasks`` (in order) to a new LMDB ``db``; return what happened.
 
@@ -233,13 +234,14 @@ def build_db(
     db = Path(db)
     if db.exists() and not overwrite:
         raise FileExistsError(f"{db} already exists (pass --overwrite to replace it)")
-    summary = Summary(skipped=list(skipped or []))
+    summary = Summary(skipped=skipped if skipped is not None else [])  # the caller may append while streaming
     for f, reason in summary.skipped:
         log.warning("%s: skipped: %s", f, reason)
     t0 = time.time()
     first_shape = None
     with atomic_path(db, is_dir=True) as tmp:
-        env = lmdb.open(str(tmp), map_size=1 << 30, meminit=False, map_async=True, max_dbs=0)
+        # no fsync per commit: the DB is under a temporary name until env.sync(True) below
+        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
         try:
             pending: list[tuple[bytes, bytes]] = []
             bar = tqdm(total=total, unit="img", disable=not progress, desc=db.name, smoothing=0.05)

@@ -235,3 +235,13 @@ def test_random_resized_crop_option(tmp_path):
         x, _ = feed.next()
     assert x.shape == (4, 3, 8, 8)
     assert not torch.equal(x[0], x[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_feed_equals_cpu_feed(tmp_path):
+    db = make_db(tmp_path, [smooth_image(np.random.default_rng(i), 9, 9) for i in range(4)], encoded=True)
+    lp = layer(db, 4, transform="crop_size: 7 mirror: true mean_value: 100 scale: 0.5")
+    with DataFeed(lp, "train", num_workers=1) as cpu, DataFeed(lp, "train", num_workers=1, device="cuda") as gpu:
+        (xc, yc), (xg, yg) = cpu.next(), gpu.next()
+    assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)

@@ -1,0 +1,43 @@
+"""compute_image_mean: exact means of hand-made records, the crop convention, both blob encodings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _images import make_db
+
+from resnet_imagenet.cli import main
+from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet.mean import compute_image_mean
+
+
+def test_mean_is_exact_bgr_chw(tmp_path, capfd):
+    a = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    b = np.full((4, 6, 3), 7, np.uint8)
+    db = make_db(tmp_path, [a, b, b])
+    rc = main(["compute_image_mean", "--no-progress", str(db), str(tmp_path / "mean.binaryproto")])
+    assert rc == 0
+    mean = read_blobproto(tmp_path / "mean.binaryproto")
+    want = ((a.astype(np.float64) + 2 * b) / 3).transpose(2, 0, 1)[None].astype(np.float32)
+    assert mean.shape == (1, 3, 4, 6)
+    np.testing.assert_array_equal(mean, want)
+    err = capfd.readouterr().err
+    for c in range(3):  # caffe prints the per-channel means
+        assert f"mean_value channel [{c}]: {want[0, c].mean(dtype=np.float64):g}" in err
+
+
+def test_crop_is_the_centre_of_the_mean(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (7, 8, 3), dtype=np.uint8) for _ in range(3)]
+    db = make_db(tmp_path, imgs, encoded=True)  # lossless PNG records
+    full = compute_image_mean(db, progress=False)
+    crop = compute_image_mean(db, tmp_path / "m.binaryproto", crop=4, legacy=True, progress=False)
+    np.testing.assert_allclose(crop, full[:, :, 1:5, 2:6], rtol=1e-6)  # (7-4)//2, (8-4)//2
+    np.testing.assert_array_equal(read_blobproto(tmp_path / "m.binaryproto"), crop)
+
+
+def test_sizes_differ_needs_crop(tmp_path):
+    db = make_db(tmp_path, [np.zeros((4, 6, 3), np.uint8), np.zeros((6, 4, 3), np.uint8)])
+    with pytest.raises(ValueError, match="give --crop"):
+        compute_image_mean(db, progress=False)
+    assert compute_image_mean(db, crop=4, progress=False).shape == (1, 3, 4, 4)
