@@ -206,6 +206,8 @@ class Trainer:
         self.net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         for t in self.test_nets:
             share_weights(t, self.net)
+            if opts.weights:  # caffe: -weights reaches the test nets' own layers too
+                t.load_caffemodel(opts.weights)
             t.to(dev).eval()  # caffe: TEST phase -- BatchNorm uses the global statistics
         workers = opts.workers
         if workers is None:
@@ -220,6 +222,8 @@ class Trainer:
         for x in seen.values():
             x.param.requires_grad_(x.lr_mult != 0)
         self.solver = CaffeSolver(sp, list(seen.values()))
+        if self.state:
+            self.solver.load_state_dict(self.state["solver"])  # a net/solverstate mismatch fails here, early
         self.model: torch.nn.Module = self.net
         if P.distributed and not opts.check:
             kw = {"device_ids": [dev]} if dev.type == "cuda" else {}
@@ -285,7 +289,6 @@ class Trainer:
     def _restore(self) -> None:
         st, P = self.state, self.procs
         self.iter = int(st["iter"])
-        self.solver.load_state_dict(st["solver"])
         sm = st["smoothing"]
         self.losses, self.smoothed_loss, self.loss_start_iter = list(sm["losses"]), sm["smoothed"], sm["start_iter"]
         if self.scaler is not None and st.get("scaler"):
