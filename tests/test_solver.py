@@ -1,0 +1,182 @@
+"""Caffe's lr policies and updates against values computed by hand from sgd_solver.cpp's formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prototxt import parse_text
+from resnet_imagenet.solver import CaffeSolver, Learnable, learning_rate, multistep_count
+
+
+def solver(text: str) -> caffe_pb2.SolverParameter:
+    return parse_text(text, caffe_pb2.SolverParameter())
+
+
+def schedule(text: str, n: int) -> list[float]:
+    sp = solver(text)
+    return [learning_rate(sp, it) for it in range(n)]
+
+
+def test_fixed():
+    assert schedule('lr_policy: "fixed" base_lr: 0.5', 4) == [0.5] * 4
+
+
+def test_step():
+    got = schedule('lr_policy: "step" base_lr: 0.1 gamma: 0.1 stepsize: 3', 10)
+    want = [0.1] * 3 + [0.01] * 3 + [0.001] * 3 + [0.0001]
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_exp():
+    got = schedule('lr_policy: "exp" base_lr: 1 gamma: 0.5', 5)
+    assert got == [1, 0.5, 0.25, 0.125, 0.0625]
+
+
+def test_inv():
+    sp = solver('lr_policy: "inv" base_lr: 0.01 gamma: 0.0001 power: 0.75')
+    assert learning_rate(sp, 0) == pytest.approx(0.01, rel=1e-6)
+    # (1 + 1e-4 * 10000) ^ -0.75 = 2 ^ -0.75 = 0.5946035575
+    assert learning_rate(sp, 10000) == pytest.approx(0.005946035575, rel=1e-6)
+    # (1 + 1e-4 * 30000) ^ -0.75 = 4 ^ -0.75 = 0.3535533906
+    assert learning_rate(sp, 30000) == pytest.approx(0.003535533906, rel=1e-6)
+
+
+def test_multistep_including_caffe_one_step_per_iteration():
+    got = schedule('lr_policy: "multistep" base_lr: 1 gamma: 0.5 stepvalue: 2 stepvalue: 5 stepvalue: 5', 9)
+    # caffe: the counter moves at most once per iteration, so the repeated 5 takes effect at 6
+    assert got == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.125, 0.125, 0.125]
+    # unsorted stepvalues: 4 is passed at 4, then 2 at the next iteration
+    assert [multistep_count([4, 2], it) for it in range(7)] == [0, 0, 0, 0, 1, 2, 2]
+
+
+def test_poly():
+    got = schedule('lr_policy: "poly" base_lr: 1 power: 2 max_iter: 4', 5)
+    assert got == [1, 0.5625, 0.25, 0.0625, 0]
+
+
+def test_sigmoid():
+    got = schedule('lr_policy: "sigmoid" base_lr: 1 gamma: 1 stepsize: 2', 5)
+    assert got == pytest.approx([0.1192029220, 0.2689414214, 0.5, 0.7310585786, 0.8807970780], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "text, msg",
+    [
+        ('type: "AdaGrad" lr_policy: "fixed"', "AdaGrad"),
+        ('lr_policy: "cosine"', "cosine"),
+        ('lr_policy: "step" gamma: 0.1', "stepsize"),
+        ('lr_policy: "fixed" regularization_type: "L3"', "L3"),
+        ("base_lr: 0.1", "lr_policy"),
+    ],
+)
+def test_bad_solver_is_a_clear_error(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        CaffeSolver(solver(text), [])
+
+
+def blob(values, grad, lr_mult=1.0, decay_mult=1.0):
+    p = torch.tensor(values, dtype=torch.float32)
+    p.grad = torch.tensor(grad, dtype=torch.float32)
+    return Learnable(p, lr_mult, decay_mult)
+
+
+def test_sgd_l2_two_steps_with_mults_and_iter_size():
+    sp = solver('lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 weight_decay: 0.1 iter_size: 2')
+    b = blob([1.0, -2.0, 0.0], [0.5, 0.25, 0.0], lr_mult=2, decay_mult=0.5)
+    s = CaffeSolver(sp, [b])
+    # g = grad/2 + 0.05*w = [0.3, 0.025, 0]; v = 0.2*g = [0.06, 0.005, 0]; w -= v
+    s.apply_update(0)
+    assert b.param.tolist() == pytest.approx([0.94, -2.005, 0.0], abs=1e-6)
+    b.param.grad = torch.tensor([0.5, 0.25, 0.0])
+    # g = [0.25 + 0.047, 0.125 - 0.10025, 0]; v = 0.9*v + 0.2*g = [0.1134, 0.00945, 0]
+    s.apply_update(1)
+    assert b.param.tolist() == pytest.approx([0.8266, -2.01445, 0.0], abs=1e-6)
+    assert s.history[0].tolist() == pytest.approx([0.1134, 0.00945, 0.0], abs=1e-6)
+
+
+def test_sgd_l1_uses_sign_of_weights():
+    sp = solver(
+        'lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 weight_decay: 0.1 iter_size: 2 regularization_type: "L1"'
+    )
+    b = blob([1.0, -2.0, 0.0], [0.5, 0.25, 0.0], lr_mult=2, decay_mult=0.5)
+    CaffeSolver(sp, [b]).apply_update(0)
+    # g = grad/2 + 0.05*sign(w) = [0.3, 0.075, 0]; v = 0.2*g
+    assert b.param.tolist() == pytest.approx([0.94, -2.015, 0.0], abs=1e-6)
+
+
+def test_lr_mult_zero_blob_is_frozen():
+    sp = solver('lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 weight_decay: 0.1')
+    b = blob([1.0], [5.0], lr_mult=0)
+    CaffeSolver(sp, [b]).apply_update(0)
+    assert b.param.tolist() == [1.0]
+
+
+def test_nesterov_two_steps():
+    sp = solver('type: "Nesterov" lr_policy: "fixed" base_lr: 0.1 momentum: 0.9')
+    b = blob([1.0], [1.0])
+    s = CaffeSolver(sp, [b])
+    s.apply_update(0)  # v = 0.1; step = 1.9*0.1 - 0.9*0 = 0.19
+    assert b.param.item() == pytest.approx(0.81, abs=1e-6)
+    b.param.grad = torch.tensor([1.0])
+    s.apply_update(1)  # v = 0.19; step = 1.9*0.19 - 0.9*0.1 = 0.271
+    assert b.param.item() == pytest.approx(0.539, abs=1e-6)
+
+
+def test_adam_bias_corrected_steps():
+    sp = solver('type: "Adam" lr_policy: "fixed" base_lr: 0.1 momentum: 0.9 momentum2: 0.999')
+    a = blob([1.0, 2.0], [0.5, -1.0])
+    h = blob([3.0], [2.0], lr_mult=0.5)
+    s = CaffeSolver(sp, [a, h])
+    # t=1: m = 0.1g, v = 0.001g^2, correction sqrt(0.001)/0.1: the step is lr*sign(g) (delta aside)
+    s.apply_update(0)
+    assert a.param.tolist() == pytest.approx([0.9, 2.1], abs=1e-6)
+    assert h.param.item() == pytest.approx(2.95, abs=1e-6)
+    assert s.history[0].tolist() == pytest.approx([0.05, -0.1], abs=1e-6)
+    assert s.history2[0].tolist() == pytest.approx([0.00025, 0.001], rel=1e-4)  # 1 - float32(0.999)
+    # t=2 with the same g: m = 0.19g, v = 0.001999g^2, correction sqrt(0.001999)/0.19 -> again lr*sign(g)
+    a.param.grad = torch.tensor([0.5, -1.0])
+    h.param.grad = torch.tensor([2.0])
+    s.apply_update(1)
+    assert a.param.tolist() == pytest.approx([0.8, 2.2], abs=1e-6)
+    assert h.param.item() == pytest.approx(2.9, abs=1e-6)
+
+
+def test_clip_gradients_global_norm_before_normalize():
+    # grads 3 and 4 in two blobs: global norm 5 > 2.5 -> scale 0.5; then iter_size 2 halves again
+    sp = solver('lr_policy: "fixed" base_lr: 1 clip_gradients: 2.5 iter_size: 2')
+    a, b = blob([0.0], [3.0]), blob([0.0], [4.0])
+    CaffeSolver(sp, [a, b]).apply_update(0)
+    assert (a.param.item(), b.param.item()) == pytest.approx((-0.75, -1.0), abs=1e-6)
+    # below the threshold nothing is scaled
+    sp = solver('lr_policy: "fixed" base_lr: 1 clip_gradients: 10')
+    a, b = blob([0.0], [3.0]), blob([0.0], [4.0])
+    CaffeSolver(sp, [a, b]).apply_update(0)
+    assert (a.param.item(), b.param.item()) == (-3.0, -4.0)
+
+
+def test_state_dict_resumes_exactly():
+    sp = solver('lr_policy: "step" base_lr: 0.1 gamma: 0.5 stepsize: 2 momentum: 0.9 weight_decay: 0.01')
+    torch.manual_seed(0)
+    grads = [torch.randn(4) for _ in range(6)]
+    w0 = torch.randn(4)
+
+    def run(s: CaffeSolver, p: torch.Tensor, its: range) -> None:
+        for it in its:
+            p.grad = grads[it].clone()
+            s.apply_update(it)
+
+    straight = Learnable(w0.clone())
+    run(CaffeSolver(sp, [straight]), straight.param, range(6))
+    first = Learnable(w0.clone())
+    s1 = CaffeSolver(sp, [first])
+    run(s1, first.param, range(3))
+    state = s1.state_dict()
+    second = Learnable(first.param.clone())
+    s2 = CaffeSolver(sp, [second])
+    s2.load_state_dict(state)
+    run(s2, second.param, range(3, 6))
+    assert torch.equal(second.param, straight.param)
+    with pytest.raises(ValueError, match="Adam"):
+        CaffeSolver(solver('type: "Adam" lr_policy: "fixed"'), [second]).load_state_dict(state)
