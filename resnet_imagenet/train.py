@@ -495,8 +495,13 @@ class Trainer:
                 log.info("Optimization stopped early.")
                 return
             if sp.display and self.iter % sp.display == 0:
+                # caffe: Solve's extra TRAIN forward for the last display. Unlike Caffe we keep its
+                # BatchNorm statistics out of the net, so the final test scores the saved snapshot.
+                saved = [b.clone() for b in self.net.buffers()]
                 with torch.no_grad(), self._autocast():
                     loss = self._loss(self.net, self.model(**self._inputs(self.feeds))).reshape(1)
+                    for b, old in zip(self.net.buffers(), saved):
+                        b.copy_(old)
                 loss_value = self._reduce(loss.float())[0] / P.world_size
                 self._update_smoothed_loss(loss_value)
                 log.info("Iteration %d, loss = %s", self.iter, g(self.smoothed_loss))

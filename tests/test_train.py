@@ -299,3 +299,21 @@ def test_train_sh_bad_input_fails_before_starting(project, tmp_path):
         r = train_sh(*args, cwd=tmp_path)
         assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and msg in r.stderr, (args, r.stderr)
     assert not Path("logs").exists() and not Path("snap").exists()
+
+
+def test_final_test_scores_the_saved_snapshot(project, caplog):
+    """The last display's extra TRAIN forward must not move BatchNorm statistics past the snapshot."""
+    lines = run(project(bn=True, max_iter=8, snapshot=8), caplog)
+    final = [ln for ln in lines if re.match(r"\s+Test net output #0: loss", ln)][-1]
+    logged = float(re.search(r"loss = (\S+)", final).group(1))
+    net = load_net("net.prototxt", weights="snap/tiny_iter_8.caffemodel", phase="test")
+    from resnet_imagenet.data import DataFeed
+    from resnet_imagenet.prototxt import TEST
+
+    feed = DataFeed(net.data_layers[0], TEST, num_workers=0)
+    for _ in range(4):  # the passes at iterations 0 and 4 (test_initialization, test_interval 4) came first
+        feed.next()
+    with torch.no_grad():
+        mean_loss = sum(net(*feed.next())["loss"].item() for _ in range(2)) / 2
+    feed.close()
+    assert mean_loss == pytest.approx(logged, rel=1e-5)
