@@ -66,7 +66,8 @@ def read_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
 
 
 def to_text(message: Message) -> str:
-    return text_format.MessageToString(message, float_format=".9g")
+    # protobuf >= 7 has no float_format; its default prints float32 fields in their shortest round-trip form.
+    return text_format.MessageToString(message)
 
 
 def write_prototxt(message: Message, path: str | os.PathLike) -> None:

@@ -1,0 +1,380 @@
+"""The loader: Caffe Data / ImageData layers as a deterministic, resumable, sharded torch pipeline.
+
+Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
+resize, crop and mirror into uint8 NHWC batches; the main process copies them to the device
+(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale.
+
+Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
+permutation drawn from (seed, epoch) (TRAIN; Caffe reads LMDBs in key order, we shuffle), and rank r
+of W takes positions r, r+W, r+2W, ... of it (disjoint, every image once across ranks). Batches
+follow the stream across epoch boundaries, as Caffe's DataLayer cycles, so every batch is full.
+A sample's crop and mirror come from (seed, epoch, record index): resume == uninterrupted, for any
+number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import lmdb
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from resnet_imagenet import transform as T
+from resnet_imagenet.datum import datum_to_array, parse_datum, read_blobproto
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prototxt import TRAIN, parse_phase
+
+log = logging.getLogger(__name__)
+
+
+_OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
+
+
+def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
+    """Open an LMDB read-only, safe for many reader processes (no lock file writes); release with close_lmdb."""
+    key = (os.getpid(), os.path.realpath(path))
+    if key in _OPEN:
+        _OPEN[key][1] += 1
+        return _OPEN[key][0]
+    if not (Path(path) / "data.mdb").is_file():
+        raise FileNotFoundError(f"{path}: not an LMDB (no data.mdb)")
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    _OPEN[key] = [env, 1]
+    return env
+
+
+def close_lmdb(path: str | os.PathLike) -> None:
+    key = (os.getpid(), os.path.realpath(path))
+    if key in _OPEN:
+        _OPEN[key][1] -= 1
+        if _OPEN[key][1] == 0:
+            _OPEN.pop(key)[0].close()
+
+
+class _Records:
+    """Index -> (image HxWxC uint8, label) for an LMDB of Datums or a Caffe image list."""
+
+    def __init__(self, source: Path, *, is_list: bool, root: str = "", resize: tuple[int, int] = (0, 0)):
+        self.source, self.is_list, self.root, self.resize = source, is_list, root, resize
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        self.keys: np.ndarray | None = None  # None: keys are the dense '%08d_' Caffe keys
+        if is_list:
+            from resnet_imagenet.imageset import read_list  # list format shared with convert_imageset
+
+            items, _ = read_list(source)
+            self.paths = [p for p, _ in items]
+            self.labels = np.array([lab for _, lab in items], dtype=np.int64)
+            self.n = len(items)
+        else:
+            env = open_lmdb(source)
+            self.n = env.stat()["entries"]
+            with env.begin() as txn:
+                if not self._dense(txn):
+                    self.keys = np.array(list(txn.cursor().iternext(values=False)))
+            close_lmdb(source)
+        if self.n == 0:
+            raise ValueError(f"{source}: no records")
+
+    def _dense(self, txn: lmdb.Transaction) -> bool:
+        cur = txn.cursor()
+        first = cur.key() if cur.first() else b""
+        last = cur.key() if cur.last() else b""
+        return first.startswith(b"%08d_" % 0) and last.startswith(b"%08d_" % (self.n - 1))
+
+    def native_channels(self) -> int:
+        """Channels of record 0 as stored; the whole batch is made to match it."""
+        if self.is_list:
+            with open(os.path.join(self.root, self.paths[0]), "rb") as f:
+                return T.native_channels(f.read())
+        d = parse_datum(self.raw(0))
+        self.close()  # workers open their own environments
+        return T.native_channels(d.data) if d.encoded else d.channels
+
+    def raw(self, i: int) -> bytes:
+        if self._env is None or self._pid != os.getpid():  # lazily, once per worker process
+            self._env, self._pid = open_lmdb(self.source), os.getpid()
+        with self._env.begin(buffers=False) as txn:
+            if self.keys is not None:
+                val = txn.get(bytes(self.keys[i]))
+            else:
+                cur = txn.cursor()
+                prefix = b"%08d_" % i
+                val = cur.value() if cur.set_range(prefix) and cur.key().startswith(prefix) else None
+        if val is None:
+            raise KeyError(f"record {i} missing")
+        return val
+
+    def load(self, i: int, channels: int) -> tuple[np.ndarray, int]:
+        if self.is_list:
+            with open(os.path.join(self.root, self.paths[i]), "rb") as f:
+                img = T.decode_image(f.read(), channels)
+            return T.resize_exact(img, *self.resize), int(self.labels[i])
+        d = parse_datum(self.raw(i))
+        img = T.decode_image(d.data, channels) if d.encoded else datum_to_array(d)
+        if img.dtype != np.uint8:
+            raise ValueError("float_data datums are not supported by the loader")
+        return T.match_channels(img, channels), int(d.label)
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            close_lmdb(self.source)
+        self._env = None
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item (stream position, count) -> a uint8 batch; runs in the DataLoader workers."""
+
+    def __init__(self, recs: _Records, cfg: dict):
+        self.recs, self.cfg = recs, cfg
+        self._perm: dict[int, np.ndarray] = {}
+
+    def share_size(self) -> int:
+        return len(range(self.cfg["rank"], self.recs.n, self.cfg["world_size"]))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            n = self.recs.n
+            perm = np.random.default_rng([self.cfg["seed"], epoch]).permutation(n) if self.cfg["shuffle"] else None
+            self._perm = {epoch: np.arange(n) if perm is None else perm}  # keep one epoch
+        return self._perm[epoch]
+
+    def index(self, pos: int) -> tuple[int, int]:
+        s = self.share_size()
+        epoch, i = divmod(pos, s)
+        return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
+
+    def sample(self, epoch: int, idx: int) -> tuple[np.ndarray, int, tuple[int, int, int, int, int]]:
+        c = self.cfg
+        rng = np.random.default_rng([c["seed"], epoch, idx, 1])
+        img, label = self.recs.load(idx, c["channels"])
+        if c["new_dim"]:
+            img = T.resize_shorter(img, c["new_dim"], bicubic=c["bicubic"])
+        h, w = img.shape[:2]
+        if c["rrc"]:
+            out = T.random_resized_crop(img, c["crop"], rng)
+            ho = wo = 0
+        else:
+            ho, wo = T.crop_offsets(h, w, c["crop"], c["train"], rng)
+            ch, cw = (c["crop"], c["crop"]) if c["crop"] else (h, w)
+            out = img[ho : ho + ch, wo : wo + cw]
+        # caffe: data_transformer.cpp -- mirror = param.mirror() && Rand(2), in any phase
+        flip = bool(c["mirror"] and rng.integers(0, 2))
+        if flip:
+            out = out[:, ::-1]
+        return out, label, (ho, wo, int(flip), h, w)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        pos, count = item
+        imgs, labels, geo = [], [], []
+        for p in range(pos, pos + count):
+            epoch, idx = self.index(p)
+            for attempt in range(min(self.recs.n, 64)):
+                j = (idx + attempt) % self.recs.n  # a bad record is replaced by the next good one
+                try:
+                    out, label, g = self.sample(epoch, j)
+                    break
+                except (ValueError, KeyError, OSError, DecodeError, cv2.error) as e:  # corrupt: skip, never fatal
+                    log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
+            else:
+                raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
+            imgs.append(out)
+            labels.append(label)
+            geo.append(g)
+        if torch.utils.data.get_worker_info() is None:
+            # In the main process, hold no environment between batches: workers forked later could
+            # not open the same LMDB (lmdb refuses a second open of one file in a process).
+            self.recs.close()
+        shapes = {a.shape for a in imgs}
+        if len(shapes) > 1:
+            raise ValueError(f"{self.recs.source}: images of sizes {sorted(shapes)} in one batch; set crop_size")
+        return {
+            "data": torch.from_numpy(np.ascontiguousarray(np.stack(imgs))),  # N,H,W,C uint8
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "geo": torch.tensor(geo, dtype=torch.int64),  # h_off, w_off, flip, src_h, src_w
+        }
+
+
+class _Positions(torch.utils.data.Sampler):
+    def __init__(self, start: int, batch: int, stop: int | None = None):
+        self.start, self.batch, self.stop = start, batch, stop
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        p = self.start
+        while self.stop is None or p < self.stop:
+            n = self.batch if self.stop is None else min(self.batch, self.stop - p)
+            yield (p, n)
+            p += n
+
+
+class DataFeed:
+    """Batches for one Data / ImageData layer: ``data, label = feed.next()`` (see module doc)."""
+
+    def __init__(
+        self,
+        layer_param: caffe_pb2.LayerParameter,
+        phase: int | str,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 2,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        base_dir: str | os.PathLike | None = None,
+        *,
+        new_dim: int | None = None,
+        random_resized_crop: bool = False,
+        prefetch_factor: int = 4,
+    ):
+        phase = parse_phase(phase)
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        lp, tp = layer_param, layer_param.transform_param
+        if lp.type == "Data":
+            dp = lp.data_param
+            if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
+                raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
+            recs = _Records(base / dp.source, is_list=False)
+            batch, shuffle, bicubic, dim = dp.batch_size, phase == TRAIN, False, 0
+        elif lp.type == "ImageData":
+            ip = lp.image_data_param
+            recs = _Records(
+                base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=(ip.new_height, ip.new_width)
+            )
+            batch, shuffle, bicubic, dim = ip.batch_size, ip.shuffle, ip.bicubic, ip.new_dim
+        else:
+            raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
+        if batch <= 0:
+            raise ValueError(f"layer '{lp.name}': batch_size must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if world_size > recs.n:
+            raise ValueError(f"{recs.source}: {recs.n} records cannot be shared by {world_size} ranks")
+        rrc = bool(random_resized_crop and phase == TRAIN)
+        if rrc and not tp.crop_size:
+            raise ValueError(f"layer '{lp.name}': random_resized_crop needs crop_size")
+        force_gray = tp.force_gray or (lp.type == "ImageData" and not lp.image_data_param.is_color)
+        channels = T.GRAY if force_gray else T.COLOR if tp.force_color else recs.native_channels()
+        cfg = dict(
+            rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, train=phase == TRAIN, channels=channels,
+            crop=tp.crop_size, mirror=tp.mirror, rrc=rrc, new_dim=new_dim if new_dim is not None else dim,
+            bicubic=bicubic,
+        )  # fmt: skip
+        self.name, self.batch_size, self.seed = lp.name, batch, seed
+        self.device = torch.device(device)
+        self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
+        self._ds = _Batches(recs, cfg)
+        self._scale = float(tp.scale)
+        self._mean, self._mean_full = self._load_mean(tp, base, channels, rrc)
+        self._pos = 0
+        self._it: Iterator | None = None
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def _load_mean(self, tp, base: Path, channels: int, rrc: bool) -> tuple[torch.Tensor | None, bool]:
+        if tp.HasField("mean_file") and len(tp.mean_value):
+            raise ValueError(f"layer '{self.name}': give mean_file or mean_value, not both")  # caffe CHECKs this
+        if tp.HasField("mean_file"):
+            m = read_blobproto(base / tp.mean_file)
+            m = m.reshape(m.shape[-3:]) if m.ndim >= 3 else m
+            if m.ndim != 3 or m.shape[0] != channels:
+                raise ValueError(f"{tp.mean_file}: mean of shape {m.shape} does not fit {channels}-channel data")
+            crop = tp.crop_size
+            # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
+            # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
+            full = not (crop and m.shape[1:] == (crop, crop))
+            if full and rrc:
+                raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
+            return torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).to(self.device), full
+        if len(tp.mean_value):
+            mv = list(tp.mean_value)
+            if len(mv) not in (1, channels):
+                raise ValueError(f"layer '{self.name}': {len(mv)} mean_value for {channels} channels")
+            mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
+            return torch.tensor(mv, dtype=torch.float32, device=self.device).view(1, channels, 1, 1), False
+        return None, False
+
+    # -- positions -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return -(-self._ds.share_size() // self.batch_size)
+
+    def state_dict(self) -> dict:
+        epoch, index = divmod(self._pos, self._ds.share_size())
+        return {"epoch": epoch, "index": index, "seed": self.seed, "rank": self._ds.cfg["rank"],
+                "world_size": self._ds.cfg["world_size"], "num_records": self._ds.recs.n}  # fmt: skip
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("seed", self.seed) != self.seed:
+            log.warning("data feed '%s': resuming with seed %s, saved with %s", self.name, self.seed, d["seed"])
+        if d.get("num_records", self._ds.recs.n) != self._ds.recs.n:
+            log.warning("data feed '%s': the database changed size since the state was saved", self.name)
+        self._stop()
+        self._pos = int(d["epoch"]) * self._ds.share_size() + int(d["index"])
+
+    # -- batches -------------------------------------------------------------------------------
+    def _make_loader(self, sampler: _Positions) -> torch.utils.data.DataLoader:
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        return torch.utils.data.DataLoader(
+            self._ds, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", **kw,
+        )  # fmt: skip
+
+    def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NHWC batch -> float32 NCHW on the device, mean-subtracted then scaled."""
+        nb = self.device.type == "cuda"
+        x = b["data"].to(self.device, non_blocking=nb).permute(0, 3, 1, 2).float()
+        label = b["label"].to(self.device, non_blocking=nb)
+        if self._mean is not None:
+            m = self._mean
+            geo = b["geo"].to(self.device, non_blocking=nb)
+            flip = geo[:, 2].bool().view(-1, 1, 1, 1)
+            if self._mean_full:
+                if (geo[:, 3] != m.shape[1]).any() or (geo[:, 4] != m.shape[2]).any():
+                    raise ValueError(f"layer '{self.name}': mean_file is {tuple(m.shape[1:])} but an image is "
+                                     f"{tuple(geo[0, 3:].tolist())}; use a crop-sized mean or mean_value")  # fmt: skip
+                h, w = x.shape[2:]
+                ar_h = torch.arange(h, device=self.device)
+                ar_w = torch.arange(w, device=self.device)
+                rows = geo[:, 0:1] + ar_h  # B,h
+                cols = geo[:, 1:2] + torch.where(flip.view(-1, 1), w - 1 - ar_w, ar_w)  # B,w, mirrored with the crop
+                m = m[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+            elif m.dim() == 3:  # crop-sized mean, mirrored along with the image
+                m = torch.where(flip, m.flip(-1), m)
+            x = x - m
+        if self._scale != 1:
+            x = x * self._scale  # caffe: (pixel - mean) * scale
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt), label
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._loader = self._make_loader(_Positions(self._pos, self.batch_size))
+            self._it = iter(self._loader)
+        b = next(self._it)
+        self._pos += len(b["label"])
+        return self._finish(b)
+
+    def epoch(self, epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over this rank's share of ``epoch`` (default: the current one); state unchanged."""
+        s = self._ds.share_size()
+        e = self._pos // s if epoch is None else epoch
+        for b in self._make_loader(_Positions(e * s, self.batch_size, stop=(e + 1) * s)):
+            yield self._finish(b)
+
+    def _stop(self) -> None:
+        self._it = None
+        self._loader = None
+
+    def close(self) -> None:
+        self._stop()
+        self._ds.recs.close()
+
+    def __enter__(self) -> DataFeed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
