@@ -93,11 +93,11 @@ def lasso_gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[np.nd
     cin = x.shape[1] // kk
     x3 = x.double().view(npts, cin, kk)
     w3 = w.double().reshape(cout, cin, kk)
+    x2, w2 = x3.reshape(npts, -1), w3.reshape(cout, -1)
     g = torch.zeros(cin, cin, dtype=torch.float64)
-    for a in range(kk):
-        for b in range(kk):
-            g += (x3[:, :, a].T @ x3[:, :, b]) * (w3[:, :, a].T @ w3[:, :, b])
-    zy = torch.einsum("pck,ock,po->c", x3, w3, y.double())
+    for a in range(kk):  # one kernel tap against all: (C x C*K) blocks keep memory at C^2 K
+        g += ((x3[:, :, a].T @ x2) * (w3[:, :, a].T @ w2)).view(cin, cin, kk).sum(2)
+    zy = ((x2.T @ y.double()) * w2.T).view(cin, kk, cout).sum((1, 2))
     return g.numpy(), zy.numpy()
 
 
@@ -150,7 +150,7 @@ def reconstruct(
     a = x[:, cols].double()
     if has_bias:
         a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    sol = torch.linalg.lstsq(a, y.double(), driver="gelsd").solution.T  # out, cols (+1)
+    sol = torch.linalg.lstsq(a, y.double(), driver="gelsy").solution.T  # out, cols (+1)
     if has_bias:
         return sol[:, :-1].float(), sol[:, -1].float()
     return sol.float(), None
