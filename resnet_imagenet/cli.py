@@ -113,7 +113,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         device=args.device, force=args.force,
     )  # fmt: skip
     print(format_report(report))
-    print(f"wrote {args.out}/ (peak RSS {report['peak_rss_mb']:.0f} MB)")
+    print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")
     return 0
 
 

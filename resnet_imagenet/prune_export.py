@@ -203,8 +203,8 @@ def run(
             "macs_with_input_filters": with_filters,
             "speedup_with_input_filters": macs0 / with_filters,
         }
+    report["peak_rss_mb"] = _peak_rss_mb()  # of this process so far: loading, sampling, pruning
     export(out, full, pruned, report, x[: min(4, len(x))], model)
-    report["peak_rss_mb"] = _peak_rss_mb()
     return report
 
 
