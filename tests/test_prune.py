@@ -1,0 +1,250 @@
+"""Channel pruning on the tiny zoo ResNet with fixed random weights and a tiny real LMDB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import lmdb
+import numpy as np
+import pytest
+import torch
+
+from resnet_imagenet import prune as P
+from resnet_imagenet import prune_select as S
+from resnet_imagenet.cli import main
+from resnet_imagenet.datum import encode_datum, write_blobproto
+from resnet_imagenet.net import load_net
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prototxt import parse_text, to_text
+from resnet_imagenet.prune_export import load_images, read_widths
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "prototxt_like" / "resnet_tiny" / "train_val.prototxt"
+
+
+def _write_lmdb(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            img = cv2.GaussianBlur((rng.random((36, 36, 3)) * 255).astype(np.uint8), (5, 5), 0)
+            txn.put(b"%08d_img%d" % (i, i), encode_datum(img, i % 10))
+    env.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """LMDBs (train, held-out, empty), a mean file and fixed random weights for resnet_tiny."""
+    d = tmp_path_factory.mktemp("prune")
+    train = _write_lmdb(d / "train_lmdb", 48, 0)
+    _write_lmdb(d / "held_lmdb", 16, 1)
+    _write_lmdb(d / "empty_lmdb", 0, 2)
+    write_blobproto(np.full((1, 3, 32, 32), 120.0, np.float32), d / "mean.binaryproto")
+    torch.manual_seed(0)
+    net = load_net(TINY, phase="test")
+    x = load_images(net.data_layers[0], train, d / "mean.binaryproto", 48, seed=5)
+    with torch.no_grad():
+        for name, m in net.layers.items():
+            if name.startswith("scale"):  # channels of unequal importance, so selection matters
+                m.weight.uniform_(0.2, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
+        net.train()  # one TRAIN pass gives every BatchNorm this batch's statistics (scale_factor 1)
+        net(x, torch.zeros(len(x)))
+    net.save_caffemodel(d / "w.caffemodel")
+    return d
+
+
+def _prune_cli(tiny: Path, out: Path, *extra: str) -> int:
+    args = ["prune", "--model", str(TINY), "--weights", str(tiny / "w.caffemodel"), "--data", str(tiny / "train_lmdb"),
+            "--mean", str(tiny / "mean.binaryproto"), "--out", str(out), "--images", "24", *extra]  # fmt: skip
+    return main(args)
+
+
+def test_pairs_of_a_resnet_are_the_inner_bottleneck_convs():
+    net = load_net(TINY, phase="test")
+    pairs = P.find_pairs(net)
+    blocks = ["res2a", "res2b", "res3a", "res4a"]
+    assert [(p.conv, p.next) for p in pairs] == [
+        (f"{b}_branch2{x}", f"{b}_branch2{y}") for b in blocks for x, y in (("a", "b"), ("b", "c"))
+    ]
+    assert pairs[0].chain == ["bn2a_branch2a", "scale2a_branch2a", "res2a_branch2a_relu"]
+
+
+def test_pairs_of_plain_chains_follow_blobs_not_names():
+    net = caffe_pb2.NetParameter()
+    parse_text(
+        """
+        layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
+        layer { name: "x1" type: "Convolution"
+                bottom: "data" top: "t1" convolution_param { num_output: 6 kernel_size: 3 } }
+        layer { name: "n1" type: "BatchNorm" bottom: "t1" top: "t1" }
+        layer { name: "s1" type: "Scale" bottom: "t1" top: "t1" scale_param { bias_term: true } }
+        layer { name: "r1" type: "ReLU" bottom: "t1" top: "u1" }
+        layer { name: "x2" type: "Convolution"
+                bottom: "u1" top: "t2" convolution_param { num_output: 6 kernel_size: 1 } }
+        layer { name: "r2" type: "ReLU" bottom: "t2" top: "t2" }
+        layer { name: "x3" type: "Convolution"
+                bottom: "t2" top: "t3" convolution_param { num_output: 4 kernel_size: 1 } }
+        layer { name: "x4" type: "Convolution"
+                bottom: "t2" top: "t4" convolution_param { num_output: 4 kernel_size: 1 } }
+        layer { name: "sum" type: "Eltwise" bottom: "t3" bottom: "t4" top: "t5" }
+        layer { name: "x5" type: "Convolution"
+                bottom: "t5" top: "t6"
+                convolution_param { num_output: 4 kernel_size: 1 group: 2 } }
+        layer { name: "x6" type: "Convolution"
+                bottom: "t6" top: "t7" convolution_param { num_output: 2 kernel_size: 1 } }
+        """,
+        net,
+    )
+    pairs = P.find_pairs(load_net(net))
+    # x2 feeds two convs, x3/x4 an Eltwise, x5 is grouped, x6 is last: only x1 -> x2 is prunable.
+    assert [(p.conv, p.next, p.chain, p.channels) for p in pairs] == [("x1", "x2", ["n1", "s1", "r1"], 6)]
+
+
+def test_lasso_gram_equals_explicit_z():
+    g = torch.Generator().manual_seed(0)
+    x, w, y = torch.randn(30, 4 * 9, generator=g), torch.randn(5, 4, 3, 3, generator=g), torch.randn(30, 5, generator=g)
+    z = torch.einsum("pck,ock->poc", x.double().view(30, 4, 9), w.double().view(5, 4, 9)).reshape(-1, 4)
+    gram, zy = S.lasso_gram(x, y, w)
+    np.testing.assert_allclose(gram, (z.T @ z).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(zy, (z.T @ y.double().reshape(-1)).numpy(), rtol=1e-10)
+
+
+def test_lasso_finds_the_channels_that_produce_the_output_and_least_squares_refits_them():
+    g = torch.Generator().manual_seed(1)
+    cin, kk, cout = 12, 9, 6
+    x = torch.randn(400, cin * kk, generator=g)
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    used = np.array([1, 4, 5, 10])
+    w_true = torch.zeros_like(w)
+    w_true[:, used] = w[:, used] * torch.linspace(0.5, 2, 4).view(1, 4, 1, 1)  # refit must rescale them
+    y = x @ w_true.reshape(cout, -1).T
+    keep = S.lasso_select(x, y, w, 4)
+    assert keep.tolist() == used.tolist()
+    w_new, b_new = S.reconstruct(x, y, keep, kk, has_bias=False)
+    assert b_new is None
+    torch.testing.assert_close(w_new, w_true[:, used].reshape(cout, -1), atol=1e-4, rtol=1e-4)
+    assert S.relative_error(x, y, keep, kk, w_new, None) < 1e-5
+    assert S.relative_error(x, y, keep, kk, w[:, used].reshape(cout, -1), None) > 0.1
+
+
+def test_lasso_with_least_squares_beats_l1_at_the_same_widths(tiny):
+    net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
+    mean = tiny / "mean.binaryproto"
+    x = load_images(net.data_layers[0], tiny / "train_lmdb", mean, 48, seed=0)
+    held = load_images(net.data_layers[0], tiny / "held_lmdb", mean, 16, seed=0)
+    widths = P.widths_for_speedup(net, P.find_pairs(net), 1.6)
+    results = {}
+    for method in ("lasso", "l1"):
+        pruned, reports = P.prune_net(net, x, widths, method=method, points=16)
+        assert [r.channels_after for r in reports] == list(widths.values())
+        with torch.no_grad():
+            lab = torch.zeros(len(held))
+            want, got = net(held, lab, blobs=["fc10"])["fc10"], pruned(held, lab, blobs=["fc10"])["fc10"]
+        results[method] = (
+            np.mean([r.rel_error for r in reports]),
+            float((got - want).norm() / want.norm()),  # held-out images: not the sampled ones
+        )
+    print(results)
+    (err_lasso, out_lasso), (err_l1, out_l1) = results["lasso"], results["l1"]
+    assert err_lasso < err_l1
+    assert out_lasso < out_l1
+
+
+def test_speedup_widths_reach_the_target_and_unreachable_ones_fail():
+    net = load_net(TINY, phase="test")
+    pairs = P.find_pairs(net)
+    base = P.planned_macs(net, pairs, {})
+    assert base == P.count_params_macs(net)[1]
+    for r in (1.2, 1.5, 2.0):
+        w = P.widths_for_speedup(net, pairs, r)
+        assert base / P.planned_macs(net, pairs, w) >= r
+        wider = {k: min(v + 1, p.channels) for (k, v), p in zip(w.items(), pairs)}  # one more channel each: too slow
+        assert base / P.planned_macs(net, pairs, wider) < r
+    with pytest.raises(ValueError, match="cannot be reached"):
+        P.widths_for_speedup(net, pairs, 10.0)
+
+
+def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tmp_path, capsys):
+    out = tmp_path / "resnet_tiny_2x"
+    assert _prune_cli(tiny, out, "--speedup", "1.5", "--points-per-image", "8") == 0
+    assert "fewer multiply-adds" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(["deploy.prototxt", "train_val.prototxt", "resnet_tiny_2x_pruned.caffemodel",
+                            "resnet_tiny_2x_solver.prototxt", "prune_report.json"])  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["speedup"] >= 1.5 and report["images"] == 24
+    solver = (out / "resnet_tiny_2x_solver.prototxt").read_text()
+    assert f'net: "{out}/train_val.prototxt"' in solver and 'snapshot_prefix: "snapshots/resnet_tiny_2x"' in solver
+    assert "base_lr: 0.001" in solver  # the zoo's tiny solver's 0.1 / 100
+
+    deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_tiny_2x_pruned.caffemodel")
+    assert P.count_params_macs(deployed) == (report["params_after"], report["macs_after"])
+    assert deployed.layers["res2a_branch2a"].weight.shape[0] == report["layers"][0]["channels_after"]
+    # The same pruning in memory (same images, seed and points) gives the same outputs as the files.
+    net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
+    x = load_images(net.data_layers[0], tiny / "train_lmdb", tiny / "mean.binaryproto", 24, seed=0)
+    widths = {r["layer"]: r["channels_after"] for r in report["layers"]}
+    pruned, _ = P.prune_net(net, x, widths, points=8)
+    held = load_images(net.data_layers[0], tiny / "held_lmdb", tiny / "mean.binaryproto", 16, seed=0)
+    with torch.no_grad():
+        want = pruned(held, torch.zeros(16), blobs=["fc10"])["fc10"]
+        got = deployed(held, blobs=["fc10"])["fc10"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    trained = load_net(out / "train_val.prototxt", weights=out / "resnet_tiny_2x_pruned.caffemodel", phase="train")
+    assert trained.layers["res4a_branch2c"].weight.shape[1] == widths["res4a_branch2b"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("speedup", "cannot be reached"),
+        ("weights", "shape mismatch"),
+        ("empty", "no records"),
+        ("widths", "width 99 outside 1..16"),
+    ],
+)
+def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    extra = ["--speedup", "1.5", "--force"]
+    weights = tiny / "w.caffemodel"
+    data = tiny / "train_lmdb"
+    if case == "speedup":
+        extra[1] = "50"
+    elif case == "empty":
+        data = tiny / "empty_lmdb"
+    else:
+        other = parse_text(TINY.read_text(), caffe_pb2.NetParameter())
+        conv = next(lp for lp in other.layer if lp.name == "res2a_branch2a").convolution_param
+        if case == "weights":  # a caffemodel of another width
+            conv.num_output = 8
+            load_net(other).save_caffemodel(tmp_path / "other.caffemodel")
+            weights = tmp_path / "other.caffemodel"
+        else:  # widths wider than the net
+            conv.num_output = 99
+            (tmp_path / "w.prototxt").write_text(to_text(other))
+            extra = ["--widths", str(tmp_path / "w.prototxt"), "--force"]
+    args = ["prune", "--model", str(TINY), "--weights", str(weights), "--data", str(data),
+            "--mean", str(tiny / "mean.binaryproto"), "--out", str(out), "--images", "8", *extra]  # fmt: skip
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched, no temporary left beside it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_released_widths_match_the_published_model(reference_dir):
+    widths, filters = read_widths(reference_dir / "channel-pruning" / "temp" / "resnet-50-cp.prototxt")
+    assert {k: v for k, v in widths.items() if "_branch2a" in k or "_branch2b" in k} == P.RELEASED_WIDTHS
+    assert filters == P.RELEASED_FILTERS
+    net = load_net(REPO / "prototxt_like" / "resnet_50" / "deploy.prototxt")
+    pairs = P.find_pairs(net)
+    assert len(pairs) == 32
+    base = P.planned_macs(net, pairs, {})
+    released = P.planned_macs(net, pairs, P.RELEASED_WIDTHS, P.RELEASED_FILTERS)
+    assert round(base / 1e9, 2) == 3.86 and round(released / 1e9, 2) == 2.60  # "2X" is 1.48x by plain MACs
+    assert base / P.planned_macs(net, pairs, P.widths_for_speedup(net, pairs, 2.0)) >= 2.0
