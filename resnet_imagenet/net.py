@@ -190,6 +190,10 @@ class CaffeNet(nn.Module):
             return {b: values[b] for b in blobs}
         return {b: values[b] for b in self.output_names if b in values}
 
+    def layer_params_by_name(self, name: str) -> caffe_pb2.LayerParameter:
+        """The LayerParameter of the (non-data) layer ``name``."""
+        return self._lp_index[name]
+
     def learnable(self) -> list[tuple[str, int, nn.Parameter, float, float]]:
         """(layer, blob index, parameter, lr_mult, decay_mult) for every learnable blob."""
         out = []

@@ -120,13 +120,14 @@ def deploy_from(train_val: caffe_pb2.NetParameter, input_shape: tuple[int, ...])
 
 def finetune_solver(out: Path, model: Path) -> caffe_pb2.SolverParameter:
     """The fine-tune solver, scaled from the training solver beside ``model`` (ImageNet ResNet-50's if none)."""
-    s = caffe_pb2.SolverParameter(type="SGD", lr_policy="step", gamma=0.1, momentum=0.9, weight_decay=0.0001)
-    s.test_iter.append(1000)
-    s.test_interval, s.base_lr, s.max_iter, s.display, s.snapshot = 10000, 0.1, 800000, 20, 50000
     base = model.parent / f"{model.parent.name}_solver.prototxt"
     if base.is_file():
-        s.MergeFrom(read_solver(base))
+        s = read_solver(base)
         s.ClearField("net")
+    else:
+        s = caffe_pb2.SolverParameter(type="SGD", lr_policy="step", gamma=0.1, momentum=0.9, weight_decay=0.0001)
+        s.test_iter.append(1000)
+        s.test_interval, s.base_lr, s.max_iter, s.display, s.snapshot = 10000, 0.1, 800000, 20, 50000
     s.net = str(out / "train_val.prototxt")
     s.base_lr = s.base_lr / FINETUNE_LR_DIVISOR
     s.max_iter = max(1, s.max_iter // FINETUNE_ITER_DIVISOR)
