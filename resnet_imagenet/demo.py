@@ -47,6 +47,7 @@ class DemoConfig:
 @dataclass
 class DemoResult:
     top1_before: float | None = None
+    top1_pruned: float | None = None  # after pruning, before fine-tuning
     top1_after: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -146,11 +147,19 @@ def _top1(output: str) -> float:
     return float(m.group(1))
 
 
-def _has_subcommand(name: str) -> bool:
-    from resnet_imagenet.cli import build_parser
+def _train_command(net: str, cli: list[str], extra: list[str] = ()) -> tuple[list[str], str]:
+    """``./train.sh cpu NET NET_ [extra]``, as a user types it in the project root."""
+    train_sh = REPO / "train.sh"
+    argv = ["bash", str(train_sh), "cpu", net, f"{net}_", *extra]
+    return argv, shlex.join([str(train_sh), "cpu", net, f"{net}_", *extra])
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return name in sub.choices
+
+def _snapshots(out: Path, prefix: str) -> list[Path]:
+    """The ``snapshots/<prefix>_iter_N.caffemodel`` files in iteration order; at least one."""
+    snaps = sorted(out.glob(f"snapshots/{prefix}_iter_*.caffemodel"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not snaps:
+        raise RuntimeError(f"training wrote no snapshot {out}/snapshots/{prefix}_iter_*.caffemodel")
+    return snaps
 
 
 def run_demo(cfg: DemoConfig) -> DemoResult:
@@ -185,28 +194,29 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     _write_nets(out, cfg, val_images)
     (out / "logs").mkdir()
     train_log = out / "logs" / f"{NET}_{NET}_.log"
-    train_sh = REPO / "train.sh"
-    if train_sh.is_file() and "not yet implemented" not in train_sh.read_text():
-        argv, shown = ["bash", str(train_sh), "cpu", NET, f"{NET}_"], f"{train_sh} cpu {NET} {NET}_"
-    else:  # before train.sh exists: the command it runs
-        argv = cli + ["train", "--solver", f"{tiny}/{NET}_solver.prototxt", "--gpu", "cpu"]
-        shown = f"resnet-imagenet train --solver {tiny}/{NET}_solver.prototxt --gpu cpu"
+    argv, shown = _train_command(NET, cli)
     r.run(argv, shown=shown, log_file=train_log, filter_output=True)
-    snaps = sorted((out / "snapshots").glob(f"{NET}_iter_*.caffemodel"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    if not snaps:
-        raise RuntimeError(f"training wrote no snapshot under {out}/snapshots (log: {train_log})")
+    snaps = _snapshots(out, NET)
     final = snaps[-1].relative_to(out).as_posix()
 
     r.say("\n== 5. test: every val image once, top-1 / top-5 / loss")
     args = ["--model", f"{tiny}/train_val.prototxt", "--weights", final]
     res.top1_before = _top1(r.run(cli + ["test"] + args, shown="resnet-imagenet test " + shlex.join(args)))
 
-    r.say("\n== 6. prune 2x and fine-tune briefly")
-    if _has_subcommand("prune"):
-        # TODO(prune issue): run `resnet-imagenet prune` + a short fine-tune + test here, set res.top1_after.
-        r.say("    (skipped: the demo's prune step is not wired up yet)")
-    else:
-        r.say("    (skipped: the `prune` command is not available in this version)")
+    r.say("\n== 6. prune 2x (LASSO channel selection + least squares), test, fine-tune briefly, test again")
+    pruned_dir = f"prototxt_like/{NET}_2x"
+    args = ["--model", f"{tiny}/train_val.prototxt", "--weights", final, "--data", "data/tiny_train_lmdb",
+            "--speedup", "2.0", "--out", pruned_dir]  # fmt: skip
+    r.run(cli + ["prune"] + args, shown="resnet-imagenet prune " + shlex.join(args))
+    pruned_w = f"{pruned_dir}/{NET}_2x_pruned.caffemodel"
+    args = ["--model", f"{pruned_dir}/train_val.prototxt", "--weights", pruned_w]
+    res.top1_pruned = _top1(r.run(cli + ["test"] + args, shown="resnet-imagenet test " + shlex.join(args)))
+    ft_log = out / "logs" / f"{NET}_2x_{NET}_2x_.log"
+    argv, shown = _train_command(f"{NET}_2x", cli, ["--weights", pruned_w])
+    r.run(argv, shown=shown, log_file=ft_log, filter_output=True)
+    ft_snaps = _snapshots(out, f"{NET}_2x")
+    args = ["--model", f"{pruned_dir}/train_val.prototxt", "--weights", ft_snaps[-1].relative_to(out).as_posix()]
+    res.top1_after = _top1(r.run(cli + ["test"] + args, shown="resnet-imagenet test " + shlex.join(args)))
 
     r.say("\n== 7. classify a few val images with the deploy net")
     imgs = sorted((out / "images" / "val").glob(f"*/*_{0:04d}.jpg"))[: cfg.classify_count]
@@ -229,12 +239,16 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         "mean": f"{out}/data/tiny_mean.binaryproto",
         "nets": f"{out}/{tiny}/{{train_val,deploy,{NET}_solver}}.prototxt",
         "snapshots": ", ".join(f"{out}/{p.relative_to(out)}" for p in snaps) + " (+ .solverstate)",
+        "pruned 2x": f"{out}/{pruned_dir}/ (prune_report.json, {NET}_2x_pruned.caffemodel; fine-tuned: "
+        f"{ft_snaps[-1].relative_to(out)})",
         "training log": f"{train_log} (CSV: {train_log.name}.train / .test in {out}/logs)",
         "loss curve": f"{out}/loss_curve.png",
     }
     r.say(f"\n== done in {res.seconds / 60:.1f} min. Outputs:")
     for k, v in res.outputs.items():
         r.say(f"  {k:13s} {v}")
-    after = "n/a (pruning skipped)" if res.top1_after is None else f"{res.top1_after:.4f}"
-    r.say(f"  top-1 on the {val_images} val images: {res.top1_before:.4f} before pruning, {after} after pruning")
+    r.say(
+        f"  top-1 on the {val_images} val images: {res.top1_before:.4f} before pruning, {res.top1_pruned:.4f} "
+        f"pruned 2x, {res.top1_after:.4f} pruned 2x and fine-tuned"
+    )
     return res

@@ -179,7 +179,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
     assert report["speedup"] >= 1.5 and report["images"] == 24
     solver = (out / "resnet_tiny_2x_solver.prototxt").read_text()
     assert f'net: "{out}/train_val.prototxt"' in solver and 'snapshot_prefix: "snapshots/resnet_tiny_2x"' in solver
-    assert "base_lr: 0.001" in solver  # the zoo's tiny solver's 0.1 / 100
+    assert "base_lr: 0.01\n" in solver  # the zoo's tiny solver's 0.1 / 10
     assert solver.count("test_iter:") == 1 and "test_iter: 10\n" in solver  # the tiny solver's, not merged twice
 
     deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_tiny_2x_pruned.caffemodel")
