@@ -14,7 +14,8 @@ def test_demo_quick(tmp_path, capsys) -> None:
     text = capsys.readouterr().out
     assert all(0.0 <= t <= 1.0 for t in (res.top1_before, res.top1_pruned, res.top1_after))
     for step in ("$ resnet-imagenet demo_data", "$ resnet-imagenet convert_imageset", "$ resnet-imagenet test",
-                 "$ resnet-imagenet classify", "$ resnet-imagenet prune", "$ resnet-imagenet plot_log", "top-1 on the 20 val images"):  # fmt: skip
+                 "$ resnet-imagenet classify",
+                 "$ resnet-imagenet prune", "$ resnet-imagenet plot_log", "top-1 on the 20 val images"):  # fmt: skip
         assert step in text
     for rel in ("data/tiny_train_lmdb/data.mdb", "data/tiny_val_lmdb/data.mdb", "data/tiny_mean.binaryproto",
                 "snapshots/resnet_tiny_iter_4.caffemodel", "loss_curve.png", MARKER,
