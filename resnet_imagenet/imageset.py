@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -182,22 +183,33 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def run_ordered(fn: Callable, tasks: Iterable, jobs: int, window: int = 32) -> Iterator:
-    """``map(fn, tasks)`` on ``jobs`` processes, in order, reading at most jobs*window tasks ahead."""
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(t) for t in chunk]
+
+
+def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, window: int = 4) -> Iterator:
+    """``map(fn, tasks)`` on ``jobs`` processes, in order, reading at most jobs*window*chunk tasks ahead.
+
+    Tasks travel in chunks: one round trip per image cost more than the decode it carried
+    (1.28x on 2 cores for the encoded min_dim-256 build, 1.8x with chunks of 16).
+    """
     if jobs <= 1:
         yield from map(fn, tasks)
         return
+    import functools
     import multiprocessing
 
     it = iter(tasks)
+    chunks = iter(lambda: list(itertools.islice(it, chunk)), [])
+    work_chunk = functools.partial(_run_chunk, fn)
     with multiprocessing.get_context().Pool(jobs) as pool:
-        pending = collections.deque(pool.apply_async(fn, (t,)) for _, t in zip(range(jobs * window), it))
+        pending = collections.deque(pool.apply_async(work_chunk, (c,)) for c in itertools.islice(chunks, jobs * window))
         while pending:
-            res = pending.popleft().get()
-            t = next(it, None)
-            if t is not None:
-                pending.append(pool.apply_async(fn, (t,)))
-            yield res
+            results = pending.popleft().get()
+            c = next(chunks, None)
+            if c is not None:
+                pending.append(pool.apply_async(work_chunk, (c,)))
+            yield from results
 
 
 def _commit(env: lmdb.Environment, items: list[tuple[bytes, bytes]], append: bool) -> None:
