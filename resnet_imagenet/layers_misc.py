@@ -81,6 +81,14 @@ class Eltwise(CaffeLayer):
             out = reduce(out, x)
         return out
 
+    def sum_into(self, xs: list, i: int):
+        """SUM computed into ``xs[i]`` (whose coefficient is 1); CaffeNet calls it where that is safe."""
+        out = xs[i]
+        for j, x in enumerate(xs):
+            if j != i:
+                out = out.add_(x, alpha=self.coeff[j])
+        return out
+
 
 @register("Concat")
 class Concat(CaffeLayer):

@@ -135,17 +135,41 @@ class CaffeNet(nn.Module):
                     self._fused_scale[lp.name] = nxt.name
                     self._bn_top[lp.name] = lp.top[0]
         self._fused_tops = {self._lp_index[s].top[0] for s in self._fused_scale.values()}
-        producer: dict[str, str] = {}
-        read: set[str] = set()
-        for lp in self.layer_params:
-            if lp.type == "ReLU" and list(lp.top) == list(lp.bottom):
-                b = lp.bottom[0]
-                if b not in read and producer.get(b) in self._INPLACE_OK_AFTER:
-                    self.layers[lp.name].inplace = True
-            read.update(lp.bottom)
+        # Each value a blob takes (a "version") has one producer and a list of readers.
+        producer: dict[tuple[str, int], str] = {}
+        readers: dict[tuple[str, int], list[int]] = {}
+        version: dict[str, int] = {}
+        reads: list[list[tuple[str, int]]] = []
+        for k, lp in enumerate(self.layer_params):
+            reads.append([(b, version.get(b, 0)) for b in lp.bottom])
+            for key in reads[-1]:
+                readers.setdefault(key, []).append(k)
             for t in lp.top:
-                producer[t] = lp.type
-                read.discard(t)
+                version[t] = version.get(t, 0) + 1
+                producer[(t, version[t])] = lp.type
+
+        def overwritable(key: tuple[str, int], k: int) -> bool:
+            # only layer k reads this value, and its producer does not keep it for backward
+            return readers.get(key) == [k] and producer.get(key) in self._INPLACE_OK_AFTER
+
+        # Eltwise SUM layers that may add into one of their bottoms (torchvision's `out += identity`):
+        # layer name -> index of that bottom. Saves a large allocation per residual block.
+        self._inplace_sum: dict[str, int] = {}
+        for k, lp in enumerate(self.layer_params):
+            module = self.layers[lp.name]
+            if lp.type == "ReLU" and list(lp.top) == list(lp.bottom):
+                key = reads[k][0]
+                if readers.get(key, [])[:1] == [k] and producer.get(key) in self._INPLACE_OK_AFTER:
+                    module.inplace = True  # nothing read the value before; later readers want it rectified
+            elif (
+                lp.type == "Eltwise"
+                and module.op == caffe_pb2.EltwiseParameter.SUM
+                and len(set(lp.bottom)) == len(lp.bottom)
+            ):
+                for i, key in enumerate(reads[k]):
+                    if module.coeff[i] == 1.0 and overwritable(key, k):
+                        self._inplace_sum[lp.name] = i
+                        break
 
     def forward(self, *args: torch.Tensor, blobs: Sequence[str] | None = None, **inputs: torch.Tensor):
         """Run the net. Positional tensors fill ``input_names`` in order; keywords name inputs.
@@ -182,7 +206,11 @@ class CaffeNet(nn.Module):
                 out = module(bottoms[0], sc.weight, sc.bias)
                 values[self._lp_index[scale_name].top[0]] = out
                 continue
-            out = module(*bottoms)
+            i = self._inplace_sum.get(lp.name)
+            if i is not None and lp.bottom[i] not in want:
+                out = module.sum_into(bottoms, i)
+            else:
+                out = module(*bottoms)
             tops = out if isinstance(out, tuple) else (out,)
             for name, t in zip(lp.top, tops):
                 values[name] = t

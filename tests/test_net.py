@@ -176,3 +176,26 @@ def test_inplace_relu_is_safe_for_backward_and_split_aliases():
     a = torch.nn.functional.conv2d(y_pre, w1.detach())
     torch.testing.assert_close(out["out"], torch.relu(y_pre) + torch.relu(a) + a)
     assert w0.grad is not None and w1.grad is not None
+
+
+def test_residual_sum_adds_in_place_only_where_safe():
+    text = """
+    layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 2 dim: 3 dim: 3 } } }
+    layer { name: "a" type: "Convolution" bottom: "data" top: "a"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "b" type: "Convolution" bottom: "a" top: "b"
+            convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "gaussian" } } }
+    layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "s" eltwise_param { coeff: 2 coeff: 1 } }
+    layer { name: "sum2" type: "Eltwise" bottom: "s" bottom: "data" top: "t" }
+    """
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    # a is also read by conv b (which keeps it for backward); b is read only by the sum; data is an input
+    assert net._inplace_sum == {"sum": 1, "sum2": 0}
+    x = torch.randn(2, 2, 3, 3, requires_grad=True)
+    out = net(x, blobs=["a", "b", "t"])  # b requested: that sum runs out of place
+    torch.testing.assert_close(out["t"], 2 * out["a"] + out["b"] + x)
+    fast = net(x)["t"]
+    torch.testing.assert_close(fast, out["t"])
+    fast.sum().backward()
+    w = net.layers["b"].weight
+    assert x.grad is not None and w.grad is not None
