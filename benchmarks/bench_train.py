@@ -4,7 +4,8 @@ A synthetic ImageNet-shaped raw LMDB (256x256 BGR, random classes) feeds the zoo
 by default, its per-GPU batch 32) for --iters iterations on GPU 0; the rate is the median of the
 ``Speed: X images/s`` lines after the first display (warm-up, cudnn.benchmark). The baseline is the
 same run with --no-amp --no-channels-last. Prints both rates and the ratio. Without a GPU it runs on
-the CPU only for --quick or --net resnet_tiny (AMP off in both runs: the ratio is ~1). NVIDIA's ResNet-50 reaches ~2,470 img/s on one A100 with AMP.
+the CPU only for --quick or --net resnet_tiny (AMP off in both runs: the ratio is ~1).
+NVIDIA's ResNet-50 reaches ~2,470 img/s on one A100 with AMP.
 Usage: python benchmarks/bench_train.py [--net resnet_50] [--iters 200] [--n 1024] [--quick] [--workdir DIR]
 """
 
