@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import Message
 
 from resnet_imagenet.fileio import atomic_write_bytes
 from resnet_imagenet.proto import caffe_pb2
@@ -53,16 +54,21 @@ def array_to_blob(arr: np.ndarray, legacy: bool = False) -> caffe_pb2.BlobProto:
     return blob
 
 
-def read_blobproto(path: str | os.PathLike) -> np.ndarray:
-    """Read a .binaryproto (e.g. a mean file) in either shape encoding."""
-    blob = caffe_pb2.BlobProto()
+def read_binary_proto(path: str | os.PathLike, message: Message, what: str) -> Message:
+    """Parse the binary protobuf file ``path`` into ``message``; errors name the file and ``what`` it should be."""
     path = Path(path)
     try:
-        blob.ParseFromString(path.read_bytes())
+        message.ParseFromString(path.read_bytes())
     except OSError as e:
         raise FileNotFoundError(f"{path}: cannot read: {e.strerror}") from None
     except Exception as e:  # protobuf's DecodeError
-        raise ValueError(f"{path}: not a BlobProto ({e})") from None
+        raise ValueError(f"{path}: not a {what} ({e})") from None
+    return message
+
+
+def read_blobproto(path: str | os.PathLike) -> np.ndarray:
+    """Read a .binaryproto (e.g. a mean file) in either shape encoding."""
+    blob = read_binary_proto(path, caffe_pb2.BlobProto(), "BlobProto")
     try:
         return blob_to_array(blob)
     except ValueError as e:

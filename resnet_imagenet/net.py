@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from resnet_imagenet import layers as L
-from resnet_imagenet.datum import array_to_blob, blob_shape, blob_to_array, is_legacy
+from resnet_imagenet.datum import array_to_blob, blob_shape, blob_to_array, is_legacy, read_binary_proto
 from resnet_imagenet.fileio import atomic_write_bytes
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import DATA_LAYER_TYPES, PrototxtError, filter_net, parse_phase, read_net
@@ -258,14 +258,8 @@ class CaffeNet(nn.Module):
     def load_caffemodel(self, path: str | os.PathLike) -> None:
         """Copy weights by layer name from a .caffemodel (or several, comma-separated)."""
         for one in str(path).split(","):
-            src = caffe_pb2.NetParameter()
             p = Path(one)
-            try:
-                src.ParseFromString(p.read_bytes())
-            except OSError as e:
-                raise FileNotFoundError(f"{p}: cannot read: {e.strerror}") from None
-            except Exception as e:
-                raise ValueError(f"{p}: not a caffemodel (binary NetParameter): {e}") from None
+            src = read_binary_proto(p, caffe_pb2.NetParameter(), "caffemodel (binary NetParameter)")
             try:
                 self.copy_from(src)
             except ValueError as e:

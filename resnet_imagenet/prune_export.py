@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from resnet_imagenet import prune as P
+from resnet_imagenet.datum import read_binary_proto
 from resnet_imagenet.fileio import atomic_path
 from resnet_imagenet.net import CaffeNet, load_net
 from resnet_imagenet.proto import caffe_pb2
@@ -37,8 +38,7 @@ FINETUNE_ITER_DIVISOR = 4
 def check_weights(net: CaffeNet, weights: str | os.PathLike) -> None:
     """Load ``weights`` into ``net``; every layer with blobs must get them (else a clear error)."""
     net.load_caffemodel(weights)
-    src = caffe_pb2.NetParameter()
-    src.ParseFromString(Path(weights).read_bytes())
+    src = read_binary_proto(weights, caffe_pb2.NetParameter(), "caffemodel")
     have = {lp.name for lp in src.layer if lp.blobs}
     missing = [lp.name for lp in net.layer_params if net.layers[lp.name].blobs() and lp.name not in have]
     if missing:
