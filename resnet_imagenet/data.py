@@ -68,7 +68,9 @@ class _Records:
         if is_list:
             from resnet_imagenet.imageset import read_list  # list format shared with convert_imageset
 
-            items, _ = read_list(source)
+            items, bad = read_list(source)
+            for where, reason in bad:
+                log.warning("%s: skipped: %s", where, reason)
             self.paths = [p for p, _ in items]
             self.labels = np.array([lab for _, lab in items], dtype=np.int64)
             self.n = len(items)
@@ -135,8 +137,14 @@ class _Batches(torch.utils.data.Dataset):
         self.recs, self.cfg = recs, cfg
         self._perm: dict[int, np.ndarray] = {}
 
-    def share_size(self) -> int:
-        return len(range(self.cfg["rank"], self.recs.n, self.cfg["world_size"]))
+    def share_size(self, stream: bool = False) -> int:
+        """Images of one epoch for this rank. epoch() passes take every image once (shares differ by
+        one when W does not divide n); the endless stream gives every rank n // W, so ranks cross
+        epoch boundaries together and stay disjoint (the shuffle leaves out other images each epoch)."""
+        n, w = self.recs.n, self.cfg["world_size"]
+        if stream and n >= w:
+            return n // w
+        return len(range(self.cfg["rank"], n, w))
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm:
@@ -145,8 +153,8 @@ class _Batches(torch.utils.data.Dataset):
             self._perm = {epoch: np.arange(n) if perm is None else perm}  # keep one epoch
         return self._perm[epoch]
 
-    def index(self, pos: int) -> tuple[int, int]:
-        s = self.share_size()
+    def index(self, pos: int, stream: bool) -> tuple[int, int]:
+        s = self.share_size(stream)
         epoch, i = divmod(pos, s)
         return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
 
@@ -170,29 +178,32 @@ class _Batches(torch.utils.data.Dataset):
             out = out[:, ::-1]
         return out, label, (ho, wo, int(flip), h, w)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
-        pos, count = item
-        out, labels, geo = None, [], []
-        for k, p in enumerate(range(pos, pos + count)):
-            epoch, idx = self.index(p)
-            for attempt in range(min(self.recs.n, 64)):
-                j = (idx + attempt) % self.recs.n  # a bad record is replaced by the next good one
+    def __getitem__(self, item: tuple[int, int, bool]) -> dict[str, torch.Tensor]:
+        pos, count, stream = item
+        images, labels, geo = [], [], []
+        for p in range(pos, pos + count):
+            epoch, idx = self.index(p, stream)
+            # A bad record is skipped with a warning. The endless stream replaces it by the next good
+            # one so the batch fills; an epoch() pass (testing) leaves it out, so no image counts twice.
+            for attempt in range(min(self.recs.n, 64) if stream else 1):
+                j = (idx + attempt) % self.recs.n
                 try:
                     img, label, g = self.sample(epoch, j)
                     break
                 except (ValueError, KeyError, OSError, DecodeError, cv2.error) as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
             else:
+                if not stream:
+                    continue
                 raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
             chw = img.transpose(2, 0, 1)  # raw records are CHW already: a view, copied once below
-            if out is None:
-                out = np.empty((count, *chw.shape), np.uint8)
-            elif chw.shape != out.shape[1:]:
-                raise ValueError(f"{self.recs.source}: images of sizes {chw.shape} and {out.shape[1:]} in one batch; "
-                                 "set crop_size")  # fmt: skip
-            out[k] = chw
+            if images and chw.shape != images[0].shape:
+                raise ValueError(f"{self.recs.source}: images of sizes {chw.shape} and {images[0].shape} in one "
+                                 "batch; set crop_size")  # fmt: skip
+            images.append(chw)
             labels.append(label)
             geo.append(g)
+        out = np.stack(images) if images else np.empty((0, 0, 0, 0), np.uint8)
         if torch.utils.data.get_worker_info() is None:
             # In the main process, hold no environment between batches: workers forked later could
             # not open the same LMDB (lmdb refuses a second open of one file in a process).
@@ -208,11 +219,11 @@ class _Positions(torch.utils.data.Sampler):
     def __init__(self, start: int, batch: int, stop: int | None = None):
         self.start, self.batch, self.stop = start, batch, stop
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int, bool]]:
         p = self.start
         while self.stop is None or p < self.stop:
             n = self.batch if self.stop is None else min(self.batch, self.stop - p)
-            yield (p, n)
+            yield (p, n, self.stop is None)  # (position, count, endless stream?)
             p += n
 
 
@@ -306,7 +317,7 @@ class DataFeed:
         return -(-self._ds.share_size() // self.batch_size)
 
     def state_dict(self) -> dict:
-        epoch, index = divmod(self._pos, self._ds.share_size())
+        epoch, index = divmod(self._pos, self._ds.share_size(stream=True))
         return {"epoch": epoch, "index": index, "seed": self.seed, "rank": self._ds.cfg["rank"],
                 "world_size": self._ds.cfg["world_size"], "num_records": self._ds.recs.n}  # fmt: skip
 
@@ -316,7 +327,7 @@ class DataFeed:
         if d.get("num_records", self._ds.recs.n) != self._ds.recs.n:
             log.warning("data feed '%s': the database changed size since the state was saved", self.name)
         self._stop()
-        self._pos = int(d["epoch"]) * self._ds.share_size() + int(d["index"])
+        self._pos = int(d["epoch"]) * self._ds.share_size(stream=True) + int(d["index"])
 
     # -- batches -------------------------------------------------------------------------------
     def _make_loader(self, sampler: _Positions) -> torch.utils.data.DataLoader:
@@ -365,9 +376,10 @@ class DataFeed:
     def epoch(self, epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over this rank's share of ``epoch`` (default: the current one); state unchanged."""
         s = self._ds.share_size()
-        e = self._pos // s if epoch is None else epoch
+        e = self._pos // self._ds.share_size(stream=True) if epoch is None else epoch
         for b in self._make_loader(_Positions(e * s, self.batch_size, stop=(e + 1) * s)):
-            yield self._finish(b)
+            if len(b["label"]):  # a batch of only unreadable records has nothing to score
+                yield self._finish(b)
 
     def _stop(self) -> None:
         self._it = None

@@ -34,6 +34,11 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     try:
         yield tmp
         if is_dir:
+            # mkdtemp makes 0700 folders; give the result the usual mode so other users (and a
+            # Caffe in a container under another uid) can read it
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)
             if final.exists():
                 old = final.with_name(f".{final.name}.old-{os.getpid()}")
                 os.rename(final, old)

@@ -73,8 +73,8 @@ def read_list(path: str | os.PathLike) -> tuple[list[tuple[str, int]], list[tupl
     items, bad = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
+            line = line.rstrip()  # "a.jpg 3 " is a good line too
+            if not line:
                 continue
             name, _, label = line.rpartition(" ")
             try:

@@ -35,7 +35,8 @@ def decode_image(buf: bytes, channels: int = COLOR, *, strict: bool = False) -> 
             if strict and "Premature end" in str(e):
                 raise ValueError("truncated JPEG (premature end of data)") from None
             # other libjpeg warnings (extraneous bytes...) are harmless: let OpenCV decode it
-    flag = cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE
+    # EXIF orientation ignored, as simplejpeg (and Caffe's OpenCV 2.4) do: one file, one geometry
+    flag = (cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
     img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
     if img is None or img.size == 0:
         raise ValueError("not a readable image (truncated, corrupt or not an image)")
@@ -49,7 +50,7 @@ def native_channels(buf: bytes) -> int:
             return GRAY if simplejpeg.decode_jpeg_header(buf)[2] == "Gray" else COLOR
         except ValueError:
             pass
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR)
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     return GRAY if img is not None and img.ndim == 2 else COLOR
 
 

@@ -245,3 +245,26 @@ def test_cuda_feed_equals_cpu_feed(tmp_path):
     with DataFeed(lp, "train", num_workers=1) as cpu, DataFeed(lp, "train", num_workers=1, device="cuda") as gpu:
         (xc, yc), (xg, yg) = cpu.next(), gpu.next()
     assert xg.is_cuda and torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)
+
+
+def test_epoch_pass_leaves_a_corrupt_record_out_instead_of_scoring_a_neighbour_twice(tmp_path, caplog):
+    db = make_db(tmp_path, [np.full((4, 4, 3), i, np.uint8) for i in range(5)], encoded=True)
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000002_"))
+        txn.put(key, caffe_pb2.Datum(encoded=True, data=b"\xff\xd8 broken", label=2).SerializeToString())
+    env.close()
+    with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2), "test", num_workers=0) as feed:
+        labels = [y.tolist() for _, y in feed.epoch()]
+    assert labels == [[0, 1], [3], [4]]
+    assert "record 2 skipped" in caplog.text
+
+
+def test_training_stream_keeps_ranks_in_step_when_world_size_does_not_divide(tmp_path):
+    db = make_db(tmp_path, [np.zeros((4, 4, 3), np.uint8)] * 10)
+    feeds = [DataFeed(layer(db, 3), "train", rank=r, world_size=3, num_workers=0) for r in range(3)]
+    for _ in range(2):  # two epochs of 10 // 3 = 3 images per rank, one batch each
+        seen = [f.next()[1].tolist() for f in feeds]
+        flat = [lab for s in seen for lab in s]
+        assert len(flat) == len(set(flat)) == 9  # disjoint within the epoch, 1 image left out
+    assert [f.state_dict()["epoch"] for f in feeds] == [2, 2, 2]
