@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
         arr = np.asarray(blob.data, dtype=np.float32)
     else:
         arr = np.asarray(blob.double_data, dtype=np.float64).astype(np.float32)
-    count = int(np.prod(shape)) if shape else 0
+    count = math.prod(shape) if shape or blob.HasField("shape") else 0  # a 0-axis blob holds 1 value
     if arr.size != count:
         raise ValueError(f"blob holds {arr.size} values but its shape {shape} needs {count}")
     return arr.reshape(shape)
@@ -41,7 +42,7 @@ def blob_to_array(blob: caffe_pb2.BlobProto) -> np.ndarray:
 
 def array_to_blob(arr: np.ndarray, legacy: bool = False) -> caffe_pb2.BlobProto:
     """A BlobProto of float32 data; ``legacy`` writes num/channels/height/width (<= 4 axes)."""
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    arr = np.asarray(arr, dtype=np.float32)  # not ascontiguousarray: it turns a 0-d array into 1-d
     blob = caffe_pb2.BlobProto()
     if legacy:
         if arr.ndim > 4:
@@ -49,6 +50,7 @@ def array_to_blob(arr: np.ndarray, legacy: bool = False) -> caffe_pb2.BlobProto:
         dims = (1,) * (4 - arr.ndim) + arr.shape
         blob.num, blob.channels, blob.height, blob.width = dims
     else:
+        blob.shape.SetInParent()  # present even with no dims: a scalar blob
         blob.shape.dim.extend(arr.shape)
     blob.data.extend(arr.ravel().tolist())
     return blob

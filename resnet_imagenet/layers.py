@@ -135,9 +135,14 @@ class Convolution(CaffeLayer):
         _check_4d(bottom_shapes[0])
         if p.axis != 1:
             raise ValueError("only axis 1 (channels) is supported")
-        self.kernel = _pair(p.kernel_size, p.HasField("kernel_h"), p.kernel_h, p.kernel_w, None, "kernel_size")
-        self.stride = _pair(p.stride, p.HasField("stride_h"), p.stride_h, p.stride_w, 1, "stride")
+        # caffe: base_conv_layer.cpp -- kernel_h/_w and stride_h/_w replace kernel_size/stride and
+        # must both be positive; pad_h or pad_w alone is fine (the other stays 0)
+        has = {f: p.HasField(f"{f}_h") or p.HasField(f"{f}_w") for f in ("kernel", "stride")}
+        self.kernel = _pair(p.kernel_size, has["kernel"], p.kernel_h, p.kernel_w, None, "kernel_size")
+        self.stride = _pair(p.stride, has["stride"], p.stride_h, p.stride_w, 1, "stride")
         self.pad = _pair(p.pad, p.HasField("pad_h") or p.HasField("pad_w"), p.pad_h, p.pad_w, 0, "pad")
+        if min(self.kernel) <= 0 or min(self.stride) <= 0:
+            raise ValueError(f"kernel {self.kernel} and stride {self.stride} must be positive")
         self.dilation = _pair(p.dilation, False, 0, 0, 1, "dilation")
         self.group = p.group
         cin, cout = bottom_shapes[0][1], p.num_output
@@ -178,6 +183,11 @@ class Pooling(CaffeLayer):
             raise ValueError("STOCHASTIC pooling is not supported")
         self.max = p.pool == caffe_pb2.PoolingParameter.MAX
         h, w = bottom_shapes[0][2:]
+        # caffe: pooling_layer.cpp LayerSetUp -- each of kernel, pad, stride is given once or as an
+        # _h/_w pair, never half a pair
+        for f in ("kernel", "pad", "stride"):
+            if p.HasField(f"{f}_h") != p.HasField(f"{f}_w"):
+                raise ValueError(f"give both {f}_h and {f}_w, or {f}" + ("_size" if f == "kernel" else ""))
         if p.global_pooling:
             self.kernel = (h, w)
         else:
@@ -186,7 +196,9 @@ class Pooling(CaffeLayer):
                 p.HasField("kernel_h"), p.kernel_h, p.kernel_w, None, "kernel_size",
             )  # fmt: skip
         self.stride = (p.stride_h, p.stride_w) if p.HasField("stride_h") else (p.stride, p.stride)
-        self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") or p.HasField("pad_w") else (p.pad, p.pad)
+        self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
+        if min(self.kernel) <= 0 or min(self.stride) <= 0:
+            raise ValueError(f"kernel {self.kernel} and stride {self.stride} must be positive")
         self.ceil = p.round_mode == caffe_pb2.PoolingParameter.CEIL
         self.out_hw = tuple(self._caffe_size(i, (h, w)[i]) for i in range(2))
         # torch's ceil_mode follows Caffe's rule except when pad is 0 and kernel < stride, and it
@@ -202,7 +214,7 @@ class Pooling(CaffeLayer):
         # last window that would start inside the right padding.
         rounder = math.ceil if self.ceil else math.floor
         out = int(rounder((size + 2 * p - k) / s)) + 1
-        if p and (out - 1) * s >= size + p:
+        if any(self.pad) and (out - 1) * s >= size + p:  # caffe: `if (pad_h_ || pad_w_)`, for both axes
             out -= 1
         return out
 
@@ -233,7 +245,9 @@ class Pooling(CaffeLayer):
         fill = float("-inf") if self.max else 0.0
         xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=fill)
         if self.max:
-            return F.max_pool2d(xp, self.kernel, self.stride)[:, :, :oh, :ow]
+            out = F.max_pool2d(xp, self.kernel, self.stride)[:, :, :oh, :ow]
+            # caffe: a window entirely in the overhang keeps its initial -FLT_MAX
+            return out.clamp(min=max(torch.finfo(out.dtype).min, -torch.finfo(torch.float32).max))
         if self._divisor is None or self._divisor.device != x.device:
             # caffe: pool_size = (min(hstart + k, H + pad) - hstart) * (same for w), hstart from -pad
             rows = [min(i * sh - ph + kh, h + ph) - (i * sh - ph) for i in range(oh)]
@@ -343,7 +357,8 @@ class InnerProduct(CaffeLayer):
         return [self.bottom_shapes[0][: self.axis] + (self.num_output,)]
 
     def macs(self) -> int:
-        return self.weight.numel()
+        """Per image (the first axis): outputs x inputs for each position of the axes before ``axis``."""
+        return self.weight.numel() * math.prod(self.bottom_shapes[0][1 : self.axis])
 
     def forward(self, x):
         x = x.flatten(self.axis)

@@ -61,10 +61,13 @@ class Eltwise(CaffeLayer):
         self.coeff = list(p.coeff) or [1.0] * len(bottom_shapes)
         if len(self.coeff) != len(bottom_shapes):
             raise ValueError(f"coeff has {len(self.coeff)} values for {len(bottom_shapes)} bottoms")
-        if p.coeff and self.op != caffe_pb2.EltwiseParameter.SUM:
-            raise ValueError("coeff is only for operation SUM")
+        if p.coeff and self.op == caffe_pb2.EltwiseParameter.PROD:
+            raise ValueError("coeff is only for operation SUM")  # caffe: refused for PROD, ignored for MAX
+        self.inplace_index: int | None = None  # set by CaffeNet: SUM into this bottom where that is safe
 
-    def forward(self, *xs):
+    def forward(self, *xs, inplace: bool = False):
+        if inplace and self.inplace_index is not None:
+            return self._sum_into(xs, self.inplace_index)
         if self.op == caffe_pb2.EltwiseParameter.SUM:
             if all(c == 1.0 for c in self.coeff):
                 out = xs[0] + xs[1]
@@ -81,8 +84,8 @@ class Eltwise(CaffeLayer):
             out = reduce(out, x)
         return out
 
-    def sum_into(self, xs: list, i: int):
-        """SUM computed into ``xs[i]`` (whose coefficient is 1); CaffeNet calls it where that is safe."""
+    def _sum_into(self, xs, i: int):
+        """SUM computed into ``xs[i]`` (whose coefficient is 1)."""
         out = xs[i]
         for j, x in enumerate(xs):
             if j != i:
@@ -176,6 +179,9 @@ class Softmax(CaffeLayer):
         return F.softmax(x, self.axis)
 
 
+_NEG_LOG_FLT_MIN = -math.log(torch.finfo(torch.float32).tiny)  # 87.3365
+
+
 def _labels(label: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Caffe stores labels as floats; index with int64, shaped like the score map without its class axis."""
     return label.reshape(like.shape[0], *like.shape[2:]).long()
@@ -203,7 +209,11 @@ class SoftmaxWithLoss(CaffeLayer):
     def forward(self, x, label):
         label = _labels(label, x)
         ignore = -100 if self.ignore is None else self.ignore
-        total = F.cross_entropy(x, label, ignore_index=ignore, reduction="sum")
+        nll = F.cross_entropy(x, label, ignore_index=ignore, reduction="none")
+        # caffe: loss -= log(max(prob, FLT_MIN)) -- each sample's loss is capped at -log(FLT_MIN), while
+        # the gradient stays prob - 1 (the cap is applied to the value only)
+        capped = nll.detach().clamp(max=_NEG_LOG_FLT_MIN)
+        total = (nll + (capped - nll.detach())).sum()
         # caffe: softmax_loss_layer.cpp get_normalizer
         if self.mode == caffe_pb2.LossParameter.VALID and self.ignore is not None:
             norm = (label != self.ignore).sum().clamp(min=1).to(total.dtype)

@@ -130,7 +130,8 @@ class CaffeNet(nn.Module):
         for lp, nxt in zip(self.layer_params, self.layer_params[1:]):
             if lp.type == "BatchNorm" and nxt.type == "Scale" and list(nxt.bottom) == [lp.top[0]]:
                 sc = self.layers[nxt.name]
-                per_channel = sc.axis == 1 and len(sc.view) == len(self.blob_shapes[lp.top[0]]) - 1
+                channels = self.blob_shapes[lp.top[0]][1]
+                per_channel = sc.axis == 1 and tuple(sc.weight.shape) == (channels,)
                 if per_channel and (nxt.top[0] == lp.top[0] or consumers.get(lp.top[0], 0) == 1):
                     self._fused_scale[lp.name] = nxt.name
                     self._bn_top[lp.name] = lp.top[0]
@@ -168,7 +169,7 @@ class CaffeNet(nn.Module):
             ):
                 for i, key in enumerate(reads[k]):
                     if module.coeff[i] == 1.0 and overwritable(key, k):
-                        self._inplace_sum[lp.name] = i
+                        self._inplace_sum[lp.name] = module.inplace_index = i
                         break
 
     def forward(self, *args: torch.Tensor, blobs: Sequence[str] | None = None, **inputs: torch.Tensor):
@@ -207,8 +208,8 @@ class CaffeNet(nn.Module):
                 values[self._lp_index[scale_name].top[0]] = out
                 continue
             i = self._inplace_sum.get(lp.name)
-            if i is not None and lp.bottom[i] not in want:
-                out = module.sum_into(bottoms, i)
+            if i is not None:  # through __call__, so hooks (time, pruning's sampling) still see it
+                out = module(*bottoms, inplace=lp.bottom[i] not in want)
             else:
                 out = module(*bottoms)
             tops = out if isinstance(out, tuple) else (out,)
@@ -227,8 +228,8 @@ class CaffeNet(nn.Module):
         out = []
         for lp in self.layer_params:
             module = self.layers[lp.name]
-            for i, attr in enumerate(module.blob_names):
-                p = getattr(module, attr, None)
+            present = [getattr(module, a) for a in module.blob_names if getattr(module, a, None) is not None]
+            for i, p in enumerate(present):  # caffe: blobs_ holds only the blobs the layer has
                 if isinstance(p, nn.Parameter):
                     spec = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
                     out.append((lp.name, i, p, spec.lr_mult, spec.decay_mult))
@@ -294,6 +295,8 @@ class CaffeNet(nn.Module):
                     t.copy_(torch.from_numpy(blob_to_array(blob).reshape(want)))
                 if legacy:
                     self._legacy.add((lp.name, i))
+                else:
+                    self._legacy.discard((lp.name, i))
 
 
 def load_net(

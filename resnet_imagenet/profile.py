@@ -7,7 +7,6 @@ InnerProduct (outputs x inputs) layers, the usual ResNet "FLOPs" figure; other l
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -63,12 +62,10 @@ def _load(model_path: str | os.PathLike, phase: str | int, batch: int | None) ->
     return load_net(net_param, phase=ph, input_shapes=shapes or None)
 
 
-def _macs(module: torch.nn.Module, lp, top: tuple[int, ...]) -> int:
-    if lp.type == "Convolution":
-        return math.prod(top) * math.prod(module.weight.shape[1:])  # out elements x Cin/g x kh x kw
-    if lp.type == "InnerProduct":
-        return math.prod(top) * (module.weight.numel() // lp.inner_product_param.num_output)  # out x in
-    return 0
+def _macs(module: torch.nn.Module, top: tuple[int, ...]) -> int:
+    """Convolution: out elements x Cin/g x kh x kw; InnerProduct: outputs x inputs (the layers' macs(), per
+    image, times the batch)."""
+    return module.macs() * top[0] if hasattr(module, "macs") else 0
 
 
 def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
@@ -81,7 +78,7 @@ def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: i
         module = net.layers[lp.name]
         tops = [tuple(s) for s in module.top_shapes()]
         params = sum(p.numel() for p in module.parameters())
-        out.layers.append(LayerCost(lp.name, lp.type, tops, params, _macs(module, lp, tops[0])))
+        out.layers.append(LayerCost(lp.name, lp.type, tops, params, _macs(module, tops[0])))
     return out
 
 

@@ -139,8 +139,11 @@ def filter_net(
     caffe: Net::FilterNet -- a layer with include rules is kept if ANY rule is met; a layer with
     exclude rules is dropped if ANY rule is met; having both kinds is an error.
     """
-    state = caffe_pb2.NetState(phase=phase, level=level)
-    state.stage.extend(stages)
+    # caffe: Net::Init -- the prototxt's own `state` (its stages) is kept; phase, level and stages add to it
+    state = caffe_pb2.NetState()
+    state.CopyFrom(net.state)
+    state.phase, state.level = phase, level
+    state.stage.extend(s for s in stages if s not in state.stage)
     out = caffe_pb2.NetParameter()
     out.CopyFrom(net)
     out.ClearField("layer")

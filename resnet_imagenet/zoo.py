@@ -307,14 +307,15 @@ def solver(key: str) -> caffe_pb2.SolverParameter:
 
 SOLVER_ORDER = (
     "net test_iter test_interval test_initialization base_lr lr_policy gamma stepsize max_iter momentum "
-    "weight_decay display average_loss snapshot snapshot_prefix type"
+    "weight_decay display average_loss snapshot snapshot_prefix random_seed type"
 ).split()
 
 
 def _ordered_text(message: Message, order: list[str]) -> str:
     """Text format with fields in ``order`` (Caffe's solvers read net first) instead of field-number order."""
+    present = [f.name for f, _ in message.ListFields()]
     parts = []
-    for name in order:
+    for name in [n for n in order if n in present] + [n for n in present if n not in order]:  # none dropped
         one = type(message)()
         one.CopyFrom(message)
         for field, _ in one.ListFields():

@@ -39,6 +39,9 @@ def caffe_pool_ref(x: np.ndarray, k: int, s: int, p: int, is_max: bool, ceil: bo
             size = (he - hs) * (we - ws)
             hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, h), min(we, w)
             win = x[:, :, hs:he, ws:we]
+            if win.size == 0:  # a window wholly past the input keeps Caffe's initial value
+                out[:, :, i, j] = -np.finfo(np.float32).max if is_max else 0.0
+                continue
             out[:, :, i, j] = win.max(axis=(2, 3)) if is_max else win.sum(axis=(2, 3)) / size
     return out
 
@@ -51,6 +54,7 @@ def caffe_pool_ref(x: np.ndarray, k: int, s: int, p: int, is_max: bool, ceil: bo
         (13, 3, 2, 1, True),  # padded: the last window starting in the padding is dropped
         (6, 3, 2, 1, True),
         (5, 2, 3, 0, True),  # kernel < stride: torch's rule differs, explicit path
+        (5, 1, 3, 0, True),  # ... and the last window lies wholly past the input (-FLT_MAX for MAX)
         (6, 3, 2, 2, True),  # pad > kernel / 2: torch refuses, explicit path
         (13, 3, 2, 1, False),  # round_mode FLOOR
     ],
@@ -254,3 +258,45 @@ def test_relu_negative_slope_and_inplace_does_not_touch_inputs():
     out = net(x)
     torch.testing.assert_close(out["x"], torch.tensor([[-0.1, 0.0, 2.0]]))
     assert x[0, 0].item() == -1.0  # the caller's tensor is not overwritten
+
+
+def test_pooling_clip_rule_applies_to_both_axes_when_either_is_padded():
+    lp = layer('name: "p" type: "Pooling" pooling_param { kernel_size: 1 stride: 3 pad_h: 1 pad_w: 0 }')
+    # caffe: w = ceil((5 - 1) / 3) + 1 = 3, then (3 - 1) * 3 >= 5 + 0 drops one because pad_h is set
+    assert L.build_layer(lp, [(1, 1, 5, 5)]).top_shapes() == [(1, 1, 2, 2)]
+
+
+def test_half_pairs_are_refused_as_caffe_does():
+    with pytest.raises(PrototxtError, match="pad_h and pad_w"):
+        L.build_layer(layer('name: "p" type: "Pooling" pooling_param { kernel_size: 2 pad_w: 1 }'), [(1, 1, 4, 4)])
+    with pytest.raises(PrototxtError, match="must be positive"):
+        L.build_layer(
+            layer('name: "c" type: "Convolution" convolution_param { num_output: 1 kernel_w: 3 }'), [(1, 1, 4, 4)]
+        )
+
+
+def test_softmax_loss_caps_each_sample_like_caffe_but_keeps_its_gradient():
+    m = L.build_layer(layer('name: "l" type: "SoftmaxWithLoss"'), [(1, 2), (1,)])
+    x = torch.tensor([[0.0, 200.0]], requires_grad=True)
+    loss = m(x, torch.tensor([0]))
+    assert loss.item() == pytest.approx(-math.log(np.finfo(np.float32).tiny))  # 87.3365, not 200
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[-1.0, 1.0]]))  # caffe: prob - 1 for the label
+
+
+def test_scalar_scale_blob_round_trips(tmp_path):
+    text = (
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }'
+        'layer { name: "s" type: "Scale" bottom: "x" top: "y" scale_param { num_axes: 0 bias_term: true } }'
+        'layer { name: "bn" type: "BatchNorm" bottom: "y" top: "z" }'
+        'layer { name: "s2" type: "Scale" bottom: "z" top: "z" scale_param { axis: 0 num_axes: -1 } }'
+    )
+    a = net_from(text)
+    with torch.no_grad():
+        a.layers["s"].weight.fill_(3.0)
+    a.save_caffemodel(tmp_path / "m.caffemodel")
+    b = net_from(text)
+    b.load_caffemodel(tmp_path / "m.caffemodel")
+    assert b.layers["s"].weight.shape == () and b.layers["s"].weight.item() == 3.0
+    assert "bn" not in b._fused_scale  # s2 scales every element, not per channel: not fused into bn
+    torch.testing.assert_close(b(torch.ones(2, 3))["z"], a(torch.ones(2, 3))["z"])

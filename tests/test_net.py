@@ -199,3 +199,17 @@ def test_residual_sum_adds_in_place_only_where_safe():
     fast.sum().backward()
     w = net.layers["b"].weight
     assert x.grad is not None and w.grad is not None
+
+
+def test_learnable_blob_index_counts_only_present_blobs_and_state_stages_are_kept():
+    text = """
+    state { stage: "deploy" }
+    layer { name: "in" type: "Input" top: "x" top: "k" input_param { shape { dim: 2 dim: 3 } shape { dim: 3 } } }
+    layer { name: "s" type: "Scale" bottom: "x" bottom: "k" top: "y" param { lr_mult: 5 decay_mult: 0 }
+            scale_param { bias_term: true } }
+    layer { name: "r" type: "ReLU" bottom: "y" top: "y" include { stage: "deploy" } }
+    """
+    net = load_net(parse_text(text, caffe_pb2.NetParameter()), phase="test")
+    # caffe: a Scale with a second bottom has one blob, the bias, and param[0] is its spec
+    assert [(n, i, lr, dm) for n, i, _, lr, dm in net.learnable()] == [("s", 0, 5.0, 0.0)]
+    assert "r" in net.layers  # the prototxt's own state { stage } still selects layers
