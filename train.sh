@@ -69,7 +69,21 @@ if [ -n "${TORCHRUN_ARGS:-}" ]; then
 else
     LAUNCH=(--standalone)
 fi
-# SIGINT (Ctrl-C) reaches the trainers, which snapshot and stop; tee ignores it so the last lines are kept.
+# Signals. torchrun starts the trainers in their own sessions and forwards the signals it handles, then
+# kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT: give a stopping trainer time to snapshot. Ctrl-C
+# (SIGINT) reaches torchrun, which forwards it: the trainers snapshot and stop. SIGHUP is left to the
+# trainers (`kill -HUP <pid of any trainer>`: snapshot and go on); torchrun, this script and tee ignore it,
+# and tee ignores SIGINT too, so the last lines reach the log.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+if "$PY" -m torch.distributed.run --help 2>/dev/null | grep -q -- --signals-to-handle; then
+    LAUNCH+=(--signals-to-handle SIGTERM,SIGINT,SIGQUIT)
+fi
+trap '' HUP
 "$PY" -m torch.distributed.run "${LAUNCH[@]}" --nproc_per_node "$NPROC" \
     -m resnet_imagenet train --solver "$SOLVER" --gpu "$GPUS" "$@" 2>&1 | (trap '' INT HUP; exec tee -a "$LOG")
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+# A Ctrl-C stop is a clean end (the trainers snapshotted); torchrun itself still reports the signal.
+if [ "$rc" -ne 0 ] && tail -n 50 "$LOG" | grep -q "Optimization stopped early."; then
+    rc=0
+fi
+exit "$rc"

@@ -73,7 +73,9 @@ def learning_rate(sp: caffe_pb2.SolverParameter, it: int) -> float:
     if policy == "poly":
         return base * (1.0 - it / sp.max_iter) ** sp.power
     if policy == "sigmoid":
-        return base * (1.0 / (1.0 + math.exp(-sp.gamma * (it - sp.stepsize))))
+        z = -sp.gamma * (it - sp.stepsize)
+        # caffe computes exp in floating point: a huge z gives inf and a rate of 0, not an overflow error
+        return base / (1.0 + math.exp(z)) if z < 700 else 0.0
     raise ValueError(f"unknown lr_policy {policy!r} (one of {', '.join(LR_POLICIES)})")
 
 
@@ -85,9 +87,10 @@ def check_solver(sp: caffe_pb2.SolverParameter) -> None:
         raise ValueError("solver has no lr_policy (one of " + ", ".join(LR_POLICIES) + ")")
     if sp.lr_policy not in LR_POLICIES:
         raise ValueError(f"unknown lr_policy {sp.lr_policy!r} (one of {', '.join(LR_POLICIES)})")
-    if sp.lr_policy in ("step", "sigmoid") and sp.stepsize <= 0:
+    if sp.lr_policy == "step" and sp.stepsize <= 0:
         raise ValueError(f"lr_policy {sp.lr_policy!r} needs stepsize > 0")
-    if sp.lr_policy in ("step", "exp", "inv", "sigmoid", "multistep") and sp.gamma < 0:
+    # sigmoid decays only with a negative gamma, so it is not checked here (neither does Caffe)
+    if sp.lr_policy in ("step", "exp", "inv", "multistep") and sp.gamma < 0:
         raise ValueError(f"lr_policy {sp.lr_policy!r} needs gamma >= 0")
     if sp.lr_policy == "poly" and sp.max_iter <= 0:
         raise ValueError("lr_policy 'poly' needs max_iter > 0")

@@ -238,6 +238,7 @@ class Trainer:
         self.smoothed_loss = 0.0
         self.loss_start_iter = 0
         self.last_snapshot: str | None = None
+        self.snapshot_iter = -1  # the iteration of the last snapshot written (or resumed from)
         self.early_exit = False
 
     def _log_setup(self) -> None:
@@ -306,9 +307,11 @@ class Trainer:
                 feed.load_state_dict(fs)
         set_rng_state(st["rng"][r])
         self.last_snapshot = self.opts.snapshot
+        self.snapshot_iter = self.iter
 
     def snapshot(self) -> None:
         """caffe: Solver::Snapshot -- every rank gives its RNG and data position; rank 0 writes."""
+        self.snapshot_iter = self.iter  # on every rank: solve() decides on it collectively
         per_rank = D.gather_objects({"rng": rng_state(), "feeds": [f.state_dict() for f, _ in self.feeds]}, self.procs)
         if self.procs.rank != 0:
             return
@@ -455,7 +458,9 @@ class Trainer:
             self._apply_update(display)
             self.iter += 1
             action = (SNAPSHOT if red[1] > 0 else NONE) if red[2] == 0 else STOP
-            if (sp.snapshot and self.iter % sp.snapshot == 0) or action != NONE:
+            # caffe: Solver::Step snapshots periodically or on a SNAPSHOT request; a STOP's snapshot
+            # comes from Solve (snapshot_after_train), so it is written once
+            if (sp.snapshot and self.iter % sp.snapshot == 0) or action == SNAPSHOT:
                 self.snapshot()
             if action == STOP:
                 self.early_exit = True
@@ -489,7 +494,7 @@ class Trainer:
         log.info("Learning Rate Policy: %s", sp.lr_policy)
         with Signals(self.opts.sigint_effect, self.opts.sighup_effect) as self.signals:
             self.step()
-            if sp.snapshot_after_train and (not sp.snapshot or self.iter % sp.snapshot != 0):
+            if sp.snapshot_after_train and self.snapshot_iter != self.iter:
                 self.snapshot()
             if self.early_exit:
                 log.info("Optimization stopped early.")

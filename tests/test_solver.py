@@ -61,6 +61,13 @@ def test_sigmoid():
     assert got == pytest.approx([0.1192029220, 0.2689414214, 0.5, 0.7310585786, 0.8807970780], rel=1e-9)
 
 
+def test_sigmoid_decays_with_negative_gamma_and_saturates_without_overflow():
+    got = schedule('lr_policy: "sigmoid" base_lr: 1 gamma: -1 stepsize: 2', 5)
+    assert got == pytest.approx([0.8807970780, 0.7310585786, 0.5, 0.2689414214, 0.1192029220], rel=1e-9)
+    far = solver('lr_policy: "sigmoid" base_lr: 1 gamma: 1 stepsize: 1000')
+    assert learning_rate(far, 0) == 0.0  # caffe: exp(1000) is inf, the rate 0
+
+
 @pytest.mark.parametrize(
     "text, msg",
     [

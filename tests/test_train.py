@@ -266,6 +266,7 @@ def test_sighup_snapshots_and_sigint_stops(project, tmp_path):
     first, last = (int(p.stem.split("_")[-1]) for p in states)
     assert 3 < first < last < 100000  # SIGHUP went on training; SIGINT snapshotted and stopped
     assert torch.load(states[-1], weights_only=True)["iter"] == last
+    assert text.count(f"tiny_iter_{last}.caffemodel") == 1  # the stop's snapshot is written once
 
 
 @pytest.mark.slow
