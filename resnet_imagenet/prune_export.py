@@ -161,6 +161,8 @@ def run(
     out, model = Path(out), Path(model)
     if (speedup is None) == (widths is None):
         raise ValueError("give exactly one of --speedup or --widths")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     if images < 1 or points < 1:
