@@ -27,7 +27,8 @@ from torch import nn
 
 from resnet_imagenet import layers as L
 from resnet_imagenet.net import CaffeNet
-from resnet_imagenet.prune_select import l1_select, lasso_select, reconstruct, relative_error, sample_points
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prune_select import Samples, l1_select, lasso_select, predict, reconstruct, sample_points
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,28 @@ def _is_plain_conv(m: nn.Module) -> bool:
     return isinstance(m, L.Convolution) and m.group == 1
 
 
-def find_pairs(net: CaffeNet) -> list[PrunePair]:
-    """The prunable (conv, next conv) pairs of ``net`` in network order, found from its blob graph."""
+def _consumers(net: CaffeNet) -> dict[int, list[int]]:
+    """Layer index -> indices of the layers reading its tops (each bottom reads its blob's latest writer)."""
     producer: dict[str, int] = {}
     consumers: dict[int, list[int]] = {}
-    lps = net.layer_params
-    for i, lp in enumerate(lps):
+    for i, lp in enumerate(net.layer_params):
         for b in lp.bottom:
-            if b in producer:  # each bottom reads the latest writer of that blob name (in-place layers)
+            if b in producer:
                 consumers.setdefault(producer[b], []).append(i)
         for t in lp.top:
             producer[t] = i
+    return consumers
+
+
+def _per_channel(net: CaffeNet, lp) -> bool:
+    mod = net.layers[lp.name]
+    return len(lp.bottom) == 1 and len(lp.top) == 1 and not (isinstance(mod, L.Scale) and mod.weight.dim() != 1)
+
+
+def find_pairs(net: CaffeNet) -> list[PrunePair]:
+    """The prunable (conv, next conv) pairs of ``net`` in network order, found from its blob graph."""
+    consumers = _consumers(net)
+    lps = net.layer_params
     pairs = []
     for i, lp in enumerate(lps):
         if not _is_plain_conv(net.layers[lp.name]) or len(lp.top) != 1:
@@ -85,16 +97,60 @@ def find_pairs(net: CaffeNet) -> list[PrunePair]:
                 break
             j = nxt[0]
             cl = lps[j]
-            mod = net.layers[cl.name]
             if len(cl.bottom) != 1 or len(cl.top) != 1:
                 break
-            if _is_plain_conv(mod):
+            if _is_plain_conv(net.layers[cl.name]):
                 pairs.append(PrunePair(lp.name, cl.name, chain, net.layers[lp.name].weight.shape[0]))
                 break
-            if cl.type not in CHANNELWISE or (isinstance(mod, L.Scale) and mod.weight.dim() != 1):
+            if cl.type not in CHANNELWISE or not _per_channel(net, cl):
                 break
             chain.append(cl.name)
     return pairs
+
+
+@dataclass
+class ResidualSum:
+    """conv's output reaches bottom ``main`` of the Eltwise SUM ``eltwise`` through the per-channel
+    affine layers ``affine`` (BatchNorm, Scale): y_sum = scale * conv + shift + the other bottoms."""
+
+    eltwise: str
+    main: int
+    affine: list[str]
+
+
+def find_residual_sum(net: CaffeNet, conv: str) -> ResidualSum | None:
+    """How ``conv`` (a ResNet branch2c) feeds a residual sum, or None when it does not."""
+    consumers = _consumers(net)
+    lps = net.layer_params
+    j = next(i for i, lp in enumerate(lps) if lp.name == conv)
+    affine: list[str] = []
+    while True:
+        nxt = consumers.get(j, [])
+        if len(nxt) != 1:
+            return None
+        top, j = lps[j].top[0], nxt[0]
+        cl = lps[j]
+        if cl.type == "Eltwise":
+            mod = net.layers[cl.name]
+            if mod.op != caffe_pb2.EltwiseParameter.SUM or list(cl.bottom).count(top) != 1:
+                return None
+            main = list(cl.bottom).index(top)
+            return ResidualSum(cl.name, main, affine) if mod.coeff[main] != 0 else None
+        if cl.type not in ("BatchNorm", "Scale") or not _per_channel(net, cl):
+            return None
+        affine.append(cl.name)
+
+
+def residual_affine(net: CaffeNet, res: ResidualSum, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel with Eltwise output = scale * conv output + shift + other bottoms."""
+    dev = next(net.parameters()).device
+    v = torch.tensor([0.0, 1.0], device=dev).view(2, 1, 1, 1).expand(2, channels, 1, 1).contiguous()
+    with torch.no_grad():  # the affine layers in TEST mode (BatchNorm: global statistics) are exact on 0 and 1
+        for name in res.affine:
+            v = net.layers[name](v)
+    c = net.layers[res.eltwise].coeff[res.main]
+    v = v.flatten(1).double().cpu() * c
+    return v[1] - v[0], v[0]
 
 
 # --- multiply-adds and widths -------------------------------------------------------------------
@@ -205,11 +261,46 @@ def _with_channels(shape: tuple[int, ...], c: int) -> tuple[int, ...]:
 
 @dataclass
 class LayerReport:
+    """rel_error: on held-out sampled points (not fitted), of ``measured_at``: the next conv's output, or
+    for a conv feeding a residual sum (branch2c) that Eltwise's output, what the shortcut fix matches."""
+
     layer: str
     next: str
     channels_before: int
     channels_after: int
     rel_error: float
+    measured_at: str
+    fit_points: int
+    columns: int
+
+
+HOLD_OUT = 0.2  # share of the sampled points kept out of the fit to measure rel_error
+
+
+def _fit(sm: Samples, w_old: torch.Tensor, b_old, k: int, scale, shortcut: bool):
+    """LASSO + least squares on ``sm``; with ``scale`` (branch2c) the residual sum is what is matched."""
+    kk = w_old[0, 0].numel()
+    target, w_sel, y_fit = sm.y - b_old if b_old is not None else sm.y, w_old, sm.y
+    if scale is not None and shortcut:
+        # He et al. 2017 sec. 3.3: branch2c reconstructs original branch + (original - pruned) shortcut.
+        # LASSO in the sum's space (rows weighted by the BN/Scale factor); the per-channel least squares
+        # solves for the conv output, so the drift goes back through the affine: y + drift / scale.
+        s = scale.float()
+        target, w_sel = target * s + sm.drift, w_old * s.view(-1, 1, 1, 1)
+        ok = s.abs() > s.abs().max() * 1e-6  # a channel scaled to ~0 cannot carry the shortcut's drift
+        y_fit = sm.y + torch.where(ok, sm.drift / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(s))
+    keep = lasso_select(sm.x, target, w_sel, k)
+    w_new, b_new = reconstruct(sm.x, y_fit, keep, kk, b_old is not None)
+    return keep, w_new, b_new
+
+
+def _error(sm: Samples, keep: np.ndarray, kk: int, w, b, scale) -> float:
+    pred = predict(sm.x, keep, kk, w, b)
+    if scale is None:
+        diff, ref = pred - sm.y, sm.y
+    else:  # error of the Eltwise output: scale * (conv - original conv) - shortcut drift
+        diff, ref = (pred - sm.y) * scale.float() - sm.drift, sm.ref
+    return float(diff.norm() / ref.norm().clamp(min=1e-30))
 
 
 def prune_net(
@@ -220,8 +311,13 @@ def prune_net(
     points: int = 10,
     batch: int = 16,
     seed: int = 0,
+    shortcut: bool = True,
 ) -> tuple[CaffeNet, list[LayerReport]]:
-    """A pruned copy of ``net`` (``net`` untouched) with each pair's conv cut to ``widths``, pair by pair."""
+    """A pruned copy of ``net`` (``net`` untouched) with each pair's conv cut to ``widths``, pair by pair.
+
+    ``shortcut`` (lasso only): refit a conv that feeds a residual sum so that the SUM matches the
+    original, making up for what pruning earlier blocks changed in the shortcut.
+    """
     if method not in ("lasso", "l1"):
         raise ValueError(f"unknown method {method!r} (lasso, l1)")
     pairs = find_pairs(net)
@@ -233,21 +329,31 @@ def prune_net(
         k = widths.get(pair.conv, pair.channels)
         if k == pair.channels:
             continue
-        batches = (images[s : s + batch] for s in range(0, len(images), batch))
-        x, y = sample_points(net, pruned, pair.next, batches, points, seed=seed * 100003 + i)
         b = pruned.layers[pair.next]
         w_old = b.weight.detach().cpu()
         b_old = b.bias.detach().cpu() if b.bias is not None else None
-        target = y - b_old if b_old is not None else y
+        kk = w_old[0, 0].numel()
+        res = find_residual_sum(net, pair.next)
+        scale = residual_affine(net, res, len(w_old))[0] if res is not None else None
+        batches = (images[s : s + batch] for s in range(0, len(images), batch))
+        sm = sample_points(net, pruned, pair.next, batches, points, seed * 100003 + i,
+                           res.eltwise if res else None, res.main if res else 0)  # fmt: skip
+        order = torch.from_numpy(np.random.default_rng(seed * 100003 + i).permutation(len(sm.x)))
+        n_held = int(len(order) * HOLD_OUT)
+        held, fit = (sm.split(order[:n_held]), sm.split(order[n_held:])) if n_held else (sm, sm)
+        columns = k * kk + (b_old is not None)
         if method == "lasso":
-            keep = lasso_select(x, target, w_old, k)
-            w_new, b_new = reconstruct(x, y, keep, w_old[0, 0].numel(), b_old is not None)
+            keep, w_new, b_new = _fit(fit, w_old, b_old, k, scale, shortcut)
+            if len(fit.x) < 2 * columns:
+                log.warning("%s: %d fitting points for %d least-squares columns (< 2x): the fit may interpolate;"
+                            " raise --images or --points-per-image", pair.next, len(fit.x), columns)  # fmt: skip
         else:
             keep = l1_select(pruned.layers[pair.conv].weight, k)
             w_new, b_new = w_old[:, torch.from_numpy(keep)].reshape(len(w_old), -1), b_old
-        err = relative_error(x, y, keep, w_old[0, 0].numel(), w_new, b_new)
+        err = _error(held, keep, kk, w_new, b_new, scale)
         apply_pair(pruned, pair, keep, w_new, b_new)
-        reports.append(LayerReport(pair.conv, pair.next, pair.channels, k, err))
-        log.info("%s: %d -> %d channels (%s), %s relative error %.4f", pair.conv, pair.channels, k, method,
-                 pair.next, err)  # fmt: skip
+        at = res.eltwise if res is not None else pair.next
+        reports.append(LayerReport(pair.conv, pair.next, pair.channels, k, err, at, len(fit.x), columns))
+        log.info("%s: %d -> %d channels (%s), %s relative error %.4f (held-out points)", pair.conv, pair.channels,
+                 k, method, at, err)  # fmt: skip
     return pruned, reports

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,25 +24,36 @@ class _Stop(Exception):
     """Raised by a forward hook once the wanted layer has run: the rest of the net is skipped."""
 
 
-def _capture(net: CaffeNet, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, output) of ``layer`` for the batch ``x``, running the net only up to that layer."""
-    got: dict[str, torch.Tensor] = {}
+def _capture(
+    net: CaffeNet, layer: str, x: torch.Tensor, stop_at: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(input, output) of ``layer`` for the batch ``x``, running the net only up to that layer, and, with
+    ``stop_at``, the inputs of that later layer too (read before it runs: an Eltwise may sum in place)."""
+    got: dict = {}
 
     def hook(_m, inp, out):
         got["x"], got["y"] = inp[0], out
+        if stop_at is None:
+            raise _Stop
+
+    def pre_hook(_m, inp):
+        got["later"] = tuple(inp)
         raise _Stop
 
-    h = net.layers[layer].register_forward_hook(hook)
+    hooks = [net.layers[layer].register_forward_hook(hook)]
+    if stop_at is not None:
+        hooks.append(net.layers[stop_at].register_forward_pre_hook(pre_hook))
     try:
         with torch.no_grad():
             net(x)
     except _Stop:
         pass
     finally:
-        h.remove()
-    if not got:
+        for h in hooks:
+            h.remove()
+    if "x" not in got or (stop_at is not None and "later" not in got):
         raise RuntimeError(f"layer '{layer}' did not run")
-    return got["x"], got["y"]
+    return got["x"], got["y"], got.get("later", ())
 
 
 def _patches(x: torch.Tensor, conv: L.Convolution, n: torch.Tensor, oh: torch.Tensor, ow: torch.Tensor):
@@ -54,19 +66,47 @@ def _patches(x: torch.Tensor, conv: L.Convolution, n: torch.Tensor, oh: torch.Te
     return p.permute(0, 3, 1, 2).reshape(len(n), -1)
 
 
-def sample_points(
-    orig: CaffeNet, pruned: CaffeNet, layer: str, batches: Iterable[torch.Tensor], points: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """X: conv ``layer``'s input patches in the pruned net; Y: its outputs in the original net (same points).
+@dataclass
+class Samples:
+    """x: the conv's input patches in the pruned net; y: its outputs in the original net (same points).
 
-    ``points`` random output positions per image; only these are kept, so memory is points x patch size.
+    For a conv whose output (through per-channel layers) is a bottom of an Eltwise SUM, also at the same
+    points: ``drift`` = sum over the other bottoms of coeff * (original - pruned), what the pruned net's
+    shortcut lost, and ``ref`` = the original Eltwise output; else both None.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    drift: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+    def split(self, idx: torch.Tensor) -> Samples:
+        drift, ref = (None, None) if self.drift is None else (self.drift[idx], self.ref[idx])
+        return Samples(self.x[idx], self.y[idx], drift, ref)
+
+
+def sample_points(
+    orig: CaffeNet,
+    pruned: CaffeNet,
+    layer: str,
+    batches: Iterable[torch.Tensor],
+    points: int,
+    seed: int,
+    sum_layer: str | None = None,
+    main: int = 0,
+) -> Samples:
+    """Sample ``points`` random output positions per image of conv ``layer`` (see Samples).
+
+    ``sum_layer``: the Eltwise SUM that ``layer``'s output reaches as its bottom number ``main``.
+    Only the points are kept, so memory is points x patch size.
     """
     rng = np.random.default_rng(seed)
     conv = pruned.layers[layer]
-    xs, ys = [], []
+    coeff = pruned.layers[sum_layer].coeff if sum_layer is not None else []
+    xs, ys, drifts, refs = [], [], [], []
     for x in batches:
-        _, y = _capture(orig, layer, x)
-        xin, _ = _capture(pruned, layer, x)
+        _, y, later_o = _capture(orig, layer, x, sum_layer)
+        xin, _, later_p = _capture(pruned, layer, x, sum_layer)
         nb, _, h, w = y.shape
         k = min(points, h * w)
         pos = np.concatenate([rng.choice(h * w, k, replace=False) for _ in range(nb)])
@@ -75,9 +115,15 @@ def sample_points(
         oh, ow = pos_t // w, pos_t % w
         xs.append(_patches(xin, conv, n, oh, ow).cpu())
         ys.append(y[n, :, oh, ow].cpu())
+        if sum_layer is not None:
+            at = [(c, o[n, :, oh, ow].cpu(), p[n, :, oh, ow].cpu()) for c, o, p in zip(coeff, later_o, later_p)]
+            drifts.append(sum(c * (o - p) for i, (c, o, p) in enumerate(at) if i != main))
+            refs.append(sum(c * o for c, o, _ in at))
     if not xs:
         raise ValueError("no images to sample features from")
-    return torch.cat(xs), torch.cat(ys)
+    if sum_layer is None:
+        return Samples(torch.cat(xs), torch.cat(ys))
+    return Samples(torch.cat(xs), torch.cat(ys), torch.cat(drifts), torch.cat(refs))
 
 
 # --- selection and reconstruction ---------------------------------------------------------------
@@ -156,10 +202,13 @@ def reconstruct(
     return sol.float(), None
 
 
-def relative_error(x: torch.Tensor, y: torch.Tensor, keep: np.ndarray, kk: int, w: torch.Tensor, b) -> float:
-    """||X[:, kept] W^T + b - Y|| / ||Y|| over the sampled points."""
+def predict(x: torch.Tensor, keep: np.ndarray, kk: int, w: torch.Tensor, b) -> torch.Tensor:
+    """X[:, kept] W^T + b: the refitted conv's outputs at the sampled points."""
     cols = torch.from_numpy((keep[:, None] * kk + np.arange(kk)[None]).reshape(-1))
     pred = x[:, cols] @ w.reshape(len(w), -1).T.cpu()
-    if b is not None:
-        pred = pred + b.cpu()
-    return float((pred - y).norm() / y.norm().clamp(min=1e-30))
+    return pred + b.cpu() if b is not None else pred
+
+
+def relative_error(x: torch.Tensor, y: torch.Tensor, keep: np.ndarray, kk: int, w: torch.Tensor, b) -> float:
+    """||X[:, kept] W^T + b - Y|| / ||Y|| over the given points."""
+    return float((predict(x, keep, kk, w, b) - y).norm() / y.norm().clamp(min=1e-30))

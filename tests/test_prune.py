@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_imagenet import layers as L
 from resnet_imagenet import prune as P
 from resnet_imagenet import prune_select as S
 from resnet_imagenet.cli import main
@@ -249,3 +250,84 @@ def test_released_widths_match_the_published_model(reference_dir):
     released = P.planned_macs(net, pairs, P.RELEASED_WIDTHS, P.RELEASED_FILTERS)
     assert round(base / 1e9, 2) == 3.86 and round(released / 1e9, 2) == 2.60  # "2X" is 1.48x by plain MACs
     assert base / P.planned_macs(net, pairs, P.widths_for_speedup(net, pairs, 2.0)) >= 2.0
+
+
+def _block(name: str, bottom: str) -> str:
+    """A bottleneck block with an identity shortcut; its Eltwise output is the blob ``name``."""
+    text, prev = "", bottom
+    for part, k in (("2a", 1), ("2b", 3), ("2c", 1)):
+        top = f"{name}_{part}"
+        text += f"""
+        layer {{ name: "{top}" type: "Convolution" bottom: "{prev}" top: "{top}"
+                convolution_param {{ num_output: 8 kernel_size: {k} pad: {k // 2} bias_term: false }} }}
+        layer {{ name: "{top}_bn" type: "BatchNorm" bottom: "{top}" top: "{top}" }}
+        layer {{ name: "{top}_scale" type: "Scale" bottom: "{top}" top: "{top}" scale_param {{ bias_term: true }} }}"""
+        if part != "2c":
+            text += f'\n        layer {{ name: "{top}_relu" type: "ReLU" bottom: "{top}" top: "{top}" }}'
+        prev = top
+    return (
+        text
+        + f"""
+        layer {{ name: "{name}" type: "Eltwise" bottom: "{bottom}" bottom: "{prev}" top: "{name}" }}
+        layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}_out" }}"""
+    )
+
+
+@pytest.fixture(scope="module")
+def two_blocks():
+    """A fixed 2-block bottleneck net (8 channels, identity shortcuts), its BatchNorms fitted to its inputs."""
+    text = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 8 dim: 6 dim: 6 } } }'
+    net = load_net(parse_text(text + _block("a", "data") + _block("b", "a_out"), caffe_pb2.NetParameter()))
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(8, 3, generator=g)  # inputs of rank 3 in 8 channels: redundancy, as in a trained net
+    x = torch.einsum("oc,nchw->nohw", mix, torch.randn(64, 3, 6, 6, generator=g)).relu()
+    with torch.no_grad():
+        for name, m in net.layers.items():
+            if isinstance(m, L.Convolution):  # (the prototxt's default filler is constant 0)
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
+            if name.endswith("_scale"):
+                m.weight.copy_(torch.rand(8, generator=g) * 1.8 + 0.2)
+                m.bias.copy_(torch.rand(8, generator=g) - 0.5)
+        net.train()
+        net(x)
+    net.eval()
+    return net, x[:48], x[48:]
+
+
+def test_residual_affine_maps_branch2c_to_the_block_sum(two_blocks):
+    net, x, _ = two_blocks
+    res = P.find_residual_sum(net, "b_2c")
+    assert (res.eltwise, res.main, res.affine) == ("b", 1, ["b_2c_bn", "b_2c_scale"])
+    assert P.find_residual_sum(net, "b_2b") is None  # a ReLU, then a conv: no residual sum
+    scale, shift = P.residual_affine(net, res, 8)
+    pre = {}  # the conv's own output (its blob is overwritten in place by BatchNorm and Scale)
+    h = net.layers["b_2c"].register_forward_hook(lambda _m, _i, o: pre.setdefault("y", o.clone()))
+    with torch.no_grad():
+        out = net(x, blobs=["a_out", "b"])
+    h.remove()
+    want = pre["y"] * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1) + out["a_out"]
+    torch.testing.assert_close(want, out["b"], atol=1e-4, rtol=1e-4)
+
+
+def test_shortcut_fix_lowers_the_block_output_error(two_blocks):
+    net, x, held = two_blocks
+    widths = {f"{b}_2{p}": 3 for b in "ab" for p in "ab"}
+    err, reported = {}, {}
+    for shortcut in (True, False):
+        pruned, reports = P.prune_net(net, x, widths, points=10, shortcut=shortcut)
+        with torch.no_grad():
+            want, got = net(held, blobs=["b"])["b"], pruned(held, blobs=["b"])["b"]
+        err[shortcut] = float((got - want).norm() / want.norm())  # held-out inputs, after the Eltwise
+        reported[shortcut] = {r.layer: r.rel_error for r in reports}
+    assert [r.measured_at for r in reports] == ["a_2b", "a", "b_2b", "b"]
+    assert err[True] < 0.95 * err[False]  # seen: 0.64 vs 0.72
+    assert reported[True]["b_2b"] < reported[False]["b_2b"]  # the report sees it too (block b's sum)
+
+
+def test_error_is_measured_on_held_out_points_and_few_points_warn(two_blocks, caplog):
+    net, x, _ = two_blocks
+    with caplog.at_level("WARNING", logger="resnet_imagenet.prune"):
+        _, reports = P.prune_net(net, x[:16], {"a_2a": 3, "a_2b": 3}, points=4)
+    assert [(r.fit_points, r.columns) for r in reports] == [(52, 27), (52, 3)]  # 64 points, 12 held out
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and warned[0].startswith("a_2b: 52 fitting points for 27")
