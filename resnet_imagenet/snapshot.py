@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,47 @@ def load_solverstate(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if not model.is_file():
         raise FileNotFoundError(f"{path}: its weights {model} are missing")
     return state, model
+
+
+# --- the trainer's state ------------------------------------------------------------------------
+
+
+def local_state(train_feeds: Sequence[Any]) -> dict[str, Any]:
+    """This rank's part of a snapshot: its random generators and its TRAIN feeds' positions."""
+    return {"rng": rng_state(), "feeds": [f.state_dict() for f in train_feeds]}
+
+
+def trainer_state(
+    *, seed: int, per_rank: list[dict[str, Any]], solver: Any, test_feeds: Sequence[Sequence[Any]],
+    smoothing: dict[str, Any], scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The solverstate's content (beside iter and learned_net): ``per_rank`` is local_state() of every rank."""
+    return {
+        "seed": seed,
+        "world_size": len(per_rank),
+        "solver": solver.state_dict(),
+        "rng": [x["rng"] for x in per_rank],
+        "train_feeds": [x["feeds"] for x in per_rank],
+        "test_feeds": [[f.state_dict() for f in feeds] for feeds in test_feeds],
+        "smoothing": smoothing,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
+
+
+def restore(
+    state: dict[str, Any], *, rank: int, world_size: int, train_feeds: Sequence[Any],
+    test_feeds: Sequence[Sequence[Any]],
+) -> None:  # fmt: skip
+    """This rank's feed positions and random generators from a solverstate."""
+    r = rank
+    if state["world_size"] != world_size:
+        log.warning("resuming %d processes from a snapshot of %d: the data order and random streams change",
+                    world_size, state["world_size"])  # fmt: skip
+        r = 0
+    for feed, fs in zip(train_feeds, state["train_feeds"][r]):
+        if state["world_size"] == world_size:
+            feed.load_state_dict(fs)
+    for feeds, saved in zip(test_feeds, state["test_feeds"]):
+        for feed, fs in zip(feeds, saved):
+            feed.load_state_dict(fs)
+    set_rng_state(state["rng"][r])
