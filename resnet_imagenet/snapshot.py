@@ -30,6 +30,10 @@ FORMAT = "resnet_imagenet.solverstate/1"
 DEFAULT_DIR = "snapshots"
 
 
+class SnapshotError(RuntimeError):
+    """A snapshot could not be written (disk full, a folder in the way...); every rank stops with it."""
+
+
 def resolve_snapshot_prefix(sp: caffe_pb2.SolverParameter, solver_path: str | os.PathLike) -> str:
     """caffe: UpgradeSnapshotPrefixProperty -- unset: ``snapshots/<name>``; a folder: ``folder/<name>``.
 

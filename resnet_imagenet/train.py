@@ -27,11 +27,13 @@ from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import TEST, TRAIN, read_solver, to_text
 from resnet_imagenet.signals import NONE, SNAPSHOT, STOP, Signals
 from resnet_imagenet.snapshot import (
+    SnapshotError,
     load_solverstate,
     local_state,
     resolve_snapshot_prefix,
     restore,
     save_snapshot,
+    snapshot_paths,
     trainer_state,
 )
 from resnet_imagenet.solver import CaffeSolver, check_solver
@@ -187,14 +189,25 @@ class Trainer:
         """caffe: Solver::Snapshot -- every rank gives its RNG and data position; rank 0 writes."""
         self.snapshot_iter = self.iter  # on every rank: solve() decides on it collectively
         per_rank = D.gather_objects(local_state([f for f, _ in self.feeds]), self.procs)
-        if self.procs.rank != 0:
-            return
-        state = trainer_state(
-            seed=self.seed, per_rank=per_rank, solver=self.solver, smoothing=self.loss.state_dict(),
-            test_feeds=[[f for f, _ in feeds] for feeds in self.test_feeds], scaler=self.scaler,
-        )  # fmt: skip
-        _, state_path = save_snapshot(self.net, state, self.prefix, self.iter)
-        self.last_snapshot = str(state_path)
+        error = None
+        if self.procs.rank == 0:
+            try:
+                state = trainer_state(
+                    seed=self.seed, per_rank=per_rank, solver=self.solver, smoothing=self.loss.state_dict(),
+                    test_feeds=[[f for f, _ in feeds] for feeds in self.test_feeds], scaler=self.scaler,
+                )  # fmt: skip
+                _, state_path = save_snapshot(self.net, state, self.prefix, self.iter)
+                self.last_snapshot = str(state_path)
+            except Exception as e:  # anything: the other ranks must hear of it, not wait at the next collective
+                error = e
+        # every rank learns whether rank 0 wrote it, so all stop together instead of blocking
+        if self._reduce(torch.tensor([float(error is not None)], device=self.procs.device))[0]:
+            model_path, _ = snapshot_paths(self.prefix, self.iter)
+            if error is None:
+                raise SnapshotError(f"snapshot {model_path} failed on rank 0 (see its log); stopping")
+            raise SnapshotError(
+                f"snapshot {model_path} failed: {error}; stopping; last good snapshot: {self.last_snapshot or 'none'}"
+            ) from error
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -315,7 +328,8 @@ class Trainer:
 
 
 def train(opts: TrainOptions) -> int:
-    """Run ``resnet-imagenet train``. Returns 0; raises ValueError on bad input, TrainingDiverged on NaN."""
+    """Run ``resnet-imagenet train``. Returns 0; raises ValueError on bad input, TrainingDiverged on NaN,
+    SnapshotError (on every rank) when a snapshot cannot be written."""
     trainer = Trainer(opts)
     clean = False
     try:
