@@ -158,16 +158,24 @@ def restore(
     state: dict[str, Any], *, rank: int, world_size: int, train_feeds: Sequence[Any],
     test_feeds: Sequence[Sequence[Any]],
 ) -> None:  # fmt: skip
-    """This rank's feed positions and random generators from a solverstate."""
-    r = rank
-    if state["world_size"] != world_size:
-        log.warning("resuming %d processes from a snapshot of %d: the data order and random streams change",
-                    world_size, state["world_size"])  # fmt: skip
-        r = 0
-    for feed, fs in zip(train_feeds, state["train_feeds"][r]):
-        if state["world_size"] == world_size:
-            feed.load_state_dict(fs)
-    for feeds, saved in zip(test_feeds, state["test_feeds"]):
+    """This rank's feed positions and random generators from a solverstate.
+
+    With another process count the run goes on from the same epoch and the same share of it: the
+    samples the old ranks took in the current epoch (position x old world size) are split over the new
+    ranks, and each rank's random streams start from (seed, rank) as in a fresh run. That is not
+    bit-exact with an uninterrupted run, so it is warned about.
+    """
+    old = state["world_size"]
+    for feeds, saved in zip(test_feeds, state["test_feeds"]):  # rank 0 tests alone: always one process
         for feed, fs in zip(feeds, saved):
             feed.load_state_dict(fs)
-    set_rng_state(state["rng"][r])
+    if old == world_size:
+        for feed, fs in zip(train_feeds, state["train_feeds"][rank]):
+            feed.load_state_dict(fs)
+        set_rng_state(state["rng"][rank])
+        return
+    log.warning("resuming %d processes from a snapshot of %d: the data order and random streams are not "
+                "those of an uninterrupted run", world_size, old)  # fmt: skip
+    for feed, fs in zip(train_feeds, state["train_feeds"][0]):  # every old rank took the same number of samples
+        feed.load_state_dict({**fs, "index": int(fs["index"]) * old // world_size})
+    torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank
