@@ -218,6 +218,7 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
+    from resnet_imagenet.snapshot import SnapshotError
     from resnet_imagenet.train import TrainingDiverged, TrainOptions, train
 
     if int(os.environ.get("RANK", "0")) != 0:
@@ -232,6 +233,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"resnet-imagenet train: error: {e}", file=sys.stderr)
         return 3
+    except SnapshotError as e:
+        print(f"resnet-imagenet train: error: {e}", file=sys.stderr)
+        return 1
 
 
 # --- pruning: prune ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ class Procs:
     world_size: int = 1
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    gpu_ids: list[int] | None = None  # the CUDA ids of this machine's processes (parse_gpus); None: CPU
 
     @property
     def distributed(self) -> bool:
@@ -85,7 +86,7 @@ def init_procs(gpu: str | None) -> Procs:
     else:
         device = torch.device("cuda", ids[local_rank])
         torch.cuda.set_device(device)
-    procs = Procs(rank, local_rank, world, local_world, device)
+    procs = Procs(rank, local_rank, world, local_world, device, ids)
     if procs.distributed and not dist.is_initialized():
         # Rank 0 tests alone (as Caffe's root solver) while the others wait: allow a long test pass.
         timeout = datetime.timedelta(minutes=int(os.environ.get("RESNET_IMAGENET_DIST_TIMEOUT_MIN", "60")))

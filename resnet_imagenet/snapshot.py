@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "resnet_imagenet.solverstate/1"
 DEFAULT_DIR = "snapshots"
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot could not be written (disk full, a folder in the way...); every rank stops with it."""
 
 
 def resolve_snapshot_prefix(sp: caffe_pb2.SolverParameter, solver_path: str | os.PathLike) -> str:
@@ -122,3 +127,55 @@ def load_solverstate(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if not model.is_file():
         raise FileNotFoundError(f"{path}: its weights {model} are missing")
     return state, model
+
+
+# --- the trainer's state ------------------------------------------------------------------------
+
+
+def local_state(train_feeds: Sequence[Any]) -> dict[str, Any]:
+    """This rank's part of a snapshot: its random generators and its TRAIN feeds' positions."""
+    return {"rng": rng_state(), "feeds": [f.state_dict() for f in train_feeds]}
+
+
+def trainer_state(
+    *, seed: int, per_rank: list[dict[str, Any]], solver: Any, test_feeds: Sequence[Sequence[Any]],
+    smoothing: dict[str, Any], scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The solverstate's content (beside iter and learned_net): ``per_rank`` is local_state() of every rank."""
+    return {
+        "seed": seed,
+        "world_size": len(per_rank),
+        "solver": solver.state_dict(),
+        "rng": [x["rng"] for x in per_rank],
+        "train_feeds": [x["feeds"] for x in per_rank],
+        "test_feeds": [[f.state_dict() for f in feeds] for feeds in test_feeds],
+        "smoothing": smoothing,
+        "scaler": scaler.state_dict() if scaler is not None else {},
+    }
+
+
+def restore(
+    state: dict[str, Any], *, rank: int, world_size: int, train_feeds: Sequence[Any],
+    test_feeds: Sequence[Sequence[Any]],
+) -> None:  # fmt: skip
+    """This rank's feed positions and random generators from a solverstate.
+
+    With another process count the run goes on from the same epoch and the same share of it: the
+    samples the old ranks took in the current epoch (position x old world size) are split over the new
+    ranks, and each rank's random streams start from (seed, rank) as in a fresh run. That is not
+    bit-exact with an uninterrupted run, so it is warned about.
+    """
+    old = state["world_size"]
+    for feeds, saved in zip(test_feeds, state["test_feeds"]):  # rank 0 tests alone: always one process
+        for feed, fs in zip(feeds, saved):
+            feed.load_state_dict(fs)
+    if old == world_size:
+        for feed, fs in zip(train_feeds, state["train_feeds"][rank]):
+            feed.load_state_dict(fs)
+        set_rng_state(state["rng"][rank])
+        return
+    log.warning("resuming %d processes from a snapshot of %d: the data order and random streams are not "
+                "those of an uninterrupted run", world_size, old)  # fmt: skip
+    for feed, fs in zip(train_feeds, state["train_feeds"][0]):  # every old rank took the same number of samples
+        feed.load_state_dict({**fs, "index": int(fs["index"]) * old // world_size})
+    torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank

@@ -132,6 +132,7 @@ class CaffeSolver:
             if x.lr_mult != 0:
                 groups.setdefault((x.lr_mult, x.decay_mult), []).append(i)
         self._groups = groups
+        self._scaler_step: _ScalerStep | None = None
 
     # -- the update ----------------------------------------------------------------------------
 
@@ -166,11 +167,29 @@ class CaffeSolver:
         torch._foreach_mul_(grads, scale)
         return scale
 
+    def apply_update(self, it: int, scaler: torch.amp.GradScaler | None = None, display: bool = False) -> float:
+        """One Caffe ApplyUpdate at iteration ``it``: clip, normalize, regularize, step. Returns the rate.
+
+        With an fp16 ``scaler`` the gradients are unscaled first and the update is skipped when they
+        overflowed (the scaler then shrinks its scale). ``display`` logs Caffe's ``Iteration N, lr = X``.
+        """
+        rate = learning_rate(self.sp, it)
+        if display:  # caffe: SGDSolver::ApplyUpdate logs the rate before clipping
+            log.info("Iteration %d, lr = %s", it, f"{rate:.6g}")
+        if scaler is None:
+            self._update(it, rate)
+            return rate
+        if self._scaler_step is None:
+            self._scaler_step = _ScalerStep(self)
+        self._scaler_step.pending = (it, rate)
+        scaler.unscale_(self._scaler_step)
+        scaler.step(self._scaler_step)
+        scaler.update()
+        return rate
+
     @torch.no_grad()
-    def apply_update(self, it: int) -> float:
-        """One Caffe ApplyUpdate at iteration ``it``: clip, normalize, regularize, step. Returns the rate."""
+    def _update(self, it: int, rate: float) -> None:
         sp = self.sp
-        rate = learning_rate(sp, it)
         self.clip_gradients()
         for (lr_mult, decay_mult), idx in self._groups.items():
             params = [self.learnables[i].param for i in idx]
@@ -207,7 +226,6 @@ class CaffeSolver:
                 denom = torch._foreach_sqrt(hist2)
                 torch._foreach_add_(denom, sp.delta)
                 torch._foreach_addcdiv_(params, hist, denom, value=-local_rate * correction)
-        return rate
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -235,3 +253,15 @@ class CaffeSolver:
                         f"solverstate {what} blob {name} has shape {tuple(s.shape)}, the net {tuple(h.shape)}"
                     )
                 h.copy_(s)
+
+
+class _ScalerStep(torch.optim.Optimizer):
+    """Lets torch's GradScaler unscale the solver's gradients and skip Caffe's update when they overflowed."""
+
+    def __init__(self, solver: CaffeSolver):
+        super().__init__([x.param for x in solver.learnables], {})
+        self.solver = solver
+        self.pending = (0, 0.0)  # (iteration, rate) of the update the scaler lets through
+
+    def step(self, closure=None) -> None:
+        self.solver._update(*self.pending)

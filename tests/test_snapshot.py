@@ -55,3 +55,54 @@ def test_not_a_solverstate_is_a_clear_error(tmp_path):
         load_solverstate(bad)
     with pytest.raises(FileNotFoundError, match="no such solverstate"):
         load_solverstate(tmp_path / "missing.solverstate")
+
+
+LAYER = """name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { crop_size: 4 } data_param { source: "%s" batch_size: 4 backend: LMDB }"""
+
+
+def test_resume_with_another_process_count_goes_on_from_the_global_position(tmp_path, caplog):
+    import lmdb
+    import numpy as np
+
+    from resnet_imagenet.data import DataFeed
+    from resnet_imagenet.datum import encode_datum
+    from resnet_imagenet.prototxt import TRAIN
+    from resnet_imagenet.snapshot import restore, rng_state
+
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i in range(32):
+            txn.put(f"{i:08d}".encode(), encode_datum(np.full((6, 6, 3), i, np.uint8), i % 3))
+    env.close()
+    lp = parse_text(LAYER % (tmp_path / "db"), caffe_pb2.LayerParameter())
+
+    def feed(rank: int, world: int) -> DataFeed:
+        return DataFeed(lp, TRAIN, rank=rank, world_size=world, seed=7, num_workers=0)
+
+    old = [feed(r, 2) for r in range(2)]
+    for f in old:
+        for _ in range(3):  # 2 ranks x 3 batches x 4: 24 of the epoch's 32 samples taken
+            f.next()
+    state = {
+        "seed": 7,
+        "world_size": 2,
+        "train_feeds": [[f.state_dict()] for f in old],
+        "test_feeds": [],
+        "rng": [rng_state()] * 2,
+    }
+    randoms = []
+    for rank, world, index in ((0, 1, 24), (0, 4, 6), (1, 4, 6)):
+        new = feed(rank, world)
+        with caplog.at_level("WARNING"):
+            restore(state, rank=rank, world_size=world, train_feeds=[new], test_feeds=[])
+        assert (new.state_dict()["epoch"], new.state_dict()["index"]) == (0, index)
+        assert "not those of an uninterrupted run" in caplog.text
+        randoms.append(torch.rand(4))
+        new.close()
+    torch.manual_seed(7)
+    assert torch.equal(randoms[1], torch.rand(4))  # rank r's streams start from seed + r, as in a fresh run
+    torch.manual_seed(8)
+    assert torch.equal(randoms[2], torch.rand(4))
+    for f in old:
+        f.close()

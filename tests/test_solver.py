@@ -187,3 +187,20 @@ def test_state_dict_resumes_exactly():
     assert torch.equal(second.param, straight.param)
     with pytest.raises(ValueError, match="Adam"):
         CaffeSolver(solver('type: "Adam" lr_policy: "fixed"'), [second]).load_state_dict(state)
+
+
+def test_fp16_scaler_unscales_and_skips_an_overflowed_update(caplog):
+    # w -= lr * g after the scaler divides its scale back out; an inf gradient skips the update and halves the scale
+    sp = solver('type: "SGD" lr_policy: "fixed" base_lr: 0.5 display: 1')
+    b = blob([1.0, 2.0], [0.0, 0.0])
+    s = CaffeSolver(sp, [b])
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    b.param.grad = scaler.scale(torch.tensor([0.25, -1.0]))
+    with caplog.at_level("INFO"):
+        assert s.apply_update(0, scaler, display=True) == 0.5
+    assert "Iteration 0, lr = 0.5" in caplog.text
+    assert b.param.tolist() == [1.0 - 0.5 * 0.25, 2.0 + 0.5 * 1.0]
+    before = b.param.clone()
+    b.param.grad = torch.tensor([float("inf"), 1.0])
+    s.apply_update(1, scaler)
+    assert torch.equal(b.param, before) and scaler.get_scale() == 4.0

@@ -218,6 +218,22 @@ def test_two_processes_equal_one_with_double_batch(project, caplog, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_snapshot_write_failure_stops_every_process(project, tmp_path):
+    """Rank 0 cannot write a snapshot (here: a folder in the way): both ranks stop at once, with one clear line."""
+    project(max_iter=8, snapshot=4)
+    Path("snap/tiny_iter_4.caffemodel").mkdir(parents=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "resnet_imagenet",
+           "train", "--gpu", "cpu:2", "--workers", "0", "--solver", "solver.prototxt"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("resnet-imagenet train: error: snapshot")]
+    assert len(errors) == 2, r.stderr[-3000:]  # one line per rank, no traceback
+    assert any("snap/tiny_iter_4.caffemodel" in ln for ln in errors), errors
+    assert not Path("snap/tiny_iter_4.solverstate").exists() and not Path("snap/tiny_iter_8.solverstate").exists()
+
+
 def log_messages(stderr: str) -> list[str]:
     """The messages of glog-prefixed lines (``I1125 20:31:48.952993 8748 train.py:166] msg``)."""
     return [m.group(1) for m in re.finditer(r"^[IWE]\d{4} [\d:.]+ \d+ \S+:\d+\] (.*)$", stderr, re.M)]
