@@ -27,34 +27,11 @@ from google.protobuf.message import DecodeError
 
 from resnet_imagenet import transform as T
 from resnet_imagenet.datum import datum_to_array, parse_datum, read_blobproto
+from resnet_imagenet.lmdbio import close_lmdb, open_lmdb
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import TRAIN, parse_phase
 
 log = logging.getLogger(__name__)
-
-
-_OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
-
-
-def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
-    """Open an LMDB read-only, safe for many reader processes (no lock file writes); release with close_lmdb."""
-    key = (os.getpid(), os.path.realpath(path))
-    if key in _OPEN:
-        _OPEN[key][1] += 1
-        return _OPEN[key][0]
-    if not (Path(path) / "data.mdb").is_file():
-        raise FileNotFoundError(f"{path}: not an LMDB (no data.mdb)")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
-    _OPEN[key] = [env, 1]
-    return env
-
-
-def close_lmdb(path: str | os.PathLike) -> None:
-    key = (os.getpid(), os.path.realpath(path))
-    if key in _OPEN:
-        _OPEN[key][1] -= 1
-        if _OPEN[key][1] == 0:
-            _OPEN.pop(key)[0].close()
 
 
 class _Records:

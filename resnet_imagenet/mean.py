@@ -9,8 +9,8 @@ import numpy as np
 from tqdm import tqdm
 
 from resnet_imagenet import transform as T
-from resnet_imagenet.data import close_lmdb, open_lmdb
 from resnet_imagenet.datum import datum_to_array, parse_datum, write_blobproto
+from resnet_imagenet.lmdbio import close_lmdb, open_lmdb
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _images import make_db
@@ -41,3 +45,9 @@ def test_sizes_differ_needs_crop(tmp_path):
     with pytest.raises(ValueError, match="give --crop"):
         compute_image_mean(db, progress=False)
     assert compute_image_mean(db, crop=4, progress=False).shape == (1, 3, 4, 4)
+
+
+def test_mean_module_does_not_import_torch():
+    # compute_image_mean reads LMDBs through lmdbio, not through the torch loader
+    code = "import sys, resnet_imagenet.mean; assert not {'torch', 'resnet_imagenet.data'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
