@@ -26,8 +26,9 @@ import torch
 from google.protobuf.message import DecodeError
 
 from resnet_imagenet import transform as T
-from resnet_imagenet.datum import datum_to_array, parse_datum, read_blobproto
+from resnet_imagenet.datum import datum_to_array, parse_datum
 from resnet_imagenet.lmdbio import close_lmdb, open_lmdb
+from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import TRAIN, parse_phase
 
@@ -256,7 +257,7 @@ class DataFeed:
             crop=tp.crop_size, mirror=tp.mirror, rrc=rrc, new_dim=new_dim if new_dim is not None else dim,
             bicubic=bicubic,
         )  # fmt: skip
-        self.name, self.batch_size, self.seed = lp.name, batch, seed
+        self.name, self.batch_size, self.seed, self.channels = lp.name, batch, seed, channels
         self.device = torch.device(device)
         self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
         self._ds = _Batches(recs, cfg)
@@ -267,27 +268,18 @@ class DataFeed:
         self._loader: torch.utils.data.DataLoader | None = None
 
     def _load_mean(self, tp, base: Path, channels: int, rrc: bool) -> tuple[torch.Tensor | None, bool]:
-        if tp.HasField("mean_file") and len(tp.mean_value):
-            raise ValueError(f"layer '{self.name}': give mean_file or mean_value, not both")  # caffe CHECKs this
-        if tp.HasField("mean_file"):
-            m = read_blobproto(base / tp.mean_file)
-            m = m.reshape(m.shape[-3:]) if m.ndim >= 3 else m
-            if m.ndim != 3 or m.shape[0] != channels:
-                raise ValueError(f"{tp.mean_file}: mean of shape {m.shape} does not fit {channels}-channel data")
-            crop = tp.crop_size
-            # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
-            # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
-            full = not (crop and m.shape[1:] == (crop, crop))
-            if full and rrc:
-                raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
-            return torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).to(self.device), full
-        if len(tp.mean_value):
-            mv = list(tp.mean_value)
-            if len(mv) not in (1, channels):
-                raise ValueError(f"layer '{self.name}': {len(mv)} mean_value for {channels} channels")
-            mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
-            return torch.tensor(mv, dtype=torch.float32, device=self.device).view(1, channels, 1, 1), False
-        return None, False
+        m = load_mean(tp, channels, base, layer=self.name)
+        if m is None:
+            return None, False
+        if not tp.HasField("mean_file"):
+            return torch.from_numpy(m).to(self.device).view(1, channels, 1, 1), False
+        crop = tp.crop_size
+        # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
+        # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
+        full = not (crop and m.shape[1:] == (crop, crop))
+        if full and rrc:
+            raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
+        return torch.from_numpy(m).to(self.device), full
 
     # -- positions -----------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet import transform as T
+from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,9 @@ def classifier_blob(net) -> str:
 
 
 def crop_offsets_10(h: int, w: int, crop: int) -> list[tuple[int, int]]:
-    """(h_off, w_off) of the 4 corner crops and the centre crop (caffe: data_transformer.cpp centre = (h-c)/2)."""
-    if crop > h or crop > w:
-        raise ValueError(f"crop {crop} is larger than the {h}x{w} image")
-    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
-
-
-def _mean_tensor(tp: caffe_pb2.TransformationParameter, base: Path, channels: int) -> torch.Tensor | None:
-    if tp.HasField("mean_file"):
-        m = read_blobproto(base / tp.mean_file)
-        return torch.from_numpy(m.reshape(m.shape[-3:]).astype("float32"))
-    if len(tp.mean_value):
-        mv = list(tp.mean_value)
-        mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
-        return torch.tensor(mv, dtype=torch.float32).view(channels, 1, 1)
-    return None
+    """(h_off, w_off) of the 4 corner crops and the centre crop (the loader's TEST-phase centre)."""
+    centre = T.centre_offsets(h, w, crop)  # also checks the size
+    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), centre]
 
 
 def ten_crops(
@@ -184,7 +173,8 @@ def evaluate(
     per_batch = batch_size if ten_crop else 1
     batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations * per_batch))
     if ten_crop:
-        mean = _mean_tensor(tp, base, 1 if tp.force_gray else 3)
+        mean = load_mean(tp, feed.channels, base, layer=feeds[0].name)
+        mean = None if mean is None else torch.from_numpy(mean)
         batches = _ten_crop_batches(batches, batch_size, crop, mean, float(tp.scale))
     data_name = feeds[0].top[0]
     with torch.inference_mode():

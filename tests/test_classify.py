@@ -73,7 +73,7 @@ def test_parse_mean(tmp_path) -> None:
         parse_mean("1,2", 3)
     write_blobproto(np.ones((1, 3, 5, 5), np.float32), tmp_path / "m.binaryproto", legacy=True)
     assert parse_mean(tmp_path / "m.binaryproto", 3).shape == (3, 5, 5)
-    with pytest.raises(ValueError, match="does not fit a 1-channel net"):
+    with pytest.raises(ValueError, match="does not fit 1-channel data"):
         parse_mean(tmp_path / "m.binaryproto", 1)
 
 

@@ -171,3 +171,60 @@ def test_ten_crop_images_of_different_sizes(tmp_path) -> None:
     assert got["images"] == len(images)
     assert got["top-1"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
     assert got["loss"] == pytest.approx(float(np.mean(-np.log(probs[np.arange(len(labels)), labels]))), rel=1e-5)
+
+
+def _gray_setup(tmp_path, transform: str):
+    """A val LMDB of N_IMAGES raw 1-channel images and a net reading them."""
+    from resnet_imagenet.net import load_net
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 1), dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, size=N_IMAGES)
+    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
+    env.close()
+    model = tmp_path / "train_val.prototxt"
+    model.write_text(NET.replace("{mean} scale: 0.5", transform).format(crop=CROP, classes=CLASSES))
+    net = load_net(model, phase="test")
+    w = torch.from_numpy(rng.normal(0, 0.02, size=(CLASSES, CROP * CROP)).astype(np.float32))
+    b = torch.from_numpy(rng.normal(0, 0.5, size=CLASSES).astype(np.float32))
+    with torch.no_grad():
+        net.layers["fc"].weight.copy_(w)
+        net.layers["fc"].bias.copy_(b)
+    net.save_caffemodel(tmp_path / "w.caffemodel")
+    return model, images, labels, w.double().numpy(), b.double().numpy()
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_force_gray_takes_one_mean_value(tmp_path, ten) -> None:
+    model, images, labels, w, b = _gray_setup(tmp_path, "force_gray: true mean_value: 10 scale: 0.5")
+    got = evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+    _check(got, _expected(images, labels, w, b, np.full((1, 1, 1), 10.0), ten=ten))
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_wrong_number_of_mean_values_is_an_error(tmp_path, ten) -> None:
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20")
+    with pytest.raises(ValueError, match="layer 'data': mean_value has 2 values for 3 channels"):
+        evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_mean_file_and_mean_value_together_is_an_error(tmp_path, ten) -> None:
+    model, *_ = _setup(tmp_path, 'mean_file: "mean.binaryproto" mean_value: 10')
+    with pytest.raises(ValueError, match="layer 'data': give mean_file or mean_value, not both"):
+        evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+
+
+def test_ten_crop_centre_is_the_loader_centre() -> None:
+    # caffe: data_transformer.cpp -- (H - crop) / 2 rounds down; odd margins put the extra row/column last
+    from resnet_imagenet import transform as T
+
+    for h, w in [(6, 6), (7, 6), (6, 9), (8, 7)]:
+        want = ((h - CROP) // 2, (w - CROP) // 2)
+        assert crop_offsets_10(h, w, CROP)[4] == T.centre_offsets(h, w, CROP) == want
+        assert T.crop_offsets(h, w, CROP, False, np.random.default_rng(0)) == want
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        crop_offsets_10(3, 6, CROP)

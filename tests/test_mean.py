@@ -11,7 +11,7 @@ import pytest
 from _images import make_db
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet.datum import read_blobproto, write_blobproto
 from resnet_imagenet.mean import compute_image_mean
 
 
@@ -51,3 +51,27 @@ def test_mean_module_does_not_import_torch():
     # compute_image_mean reads LMDBs through lmdbio, not through the torch loader
     code = "import sys, resnet_imagenet.mean; assert not {'torch', 'resnet_imagenet.data'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_load_mean_file_values_and_checks(tmp_path):
+    from resnet_imagenet.mean import load_mean
+    from resnet_imagenet.proto import caffe_pb2
+
+    m = np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)
+    write_blobproto(m, tmp_path / "m.binaryproto", legacy=True)
+    tp = caffe_pb2.TransformationParameter(mean_file="m.binaryproto")
+    got = load_mean(tp, 3, tmp_path)  # relative to base_dir
+    assert got.dtype == np.float32 and got.shape == (3, 4, 5)
+    np.testing.assert_array_equal(got, m[0])
+    with pytest.raises(ValueError, match="layer 'data': .*m.binaryproto: mean of shape .* does not fit 1-channel"):
+        load_mean(tp, 1, tmp_path, layer="data")
+    tp.mean_value.append(7)
+    with pytest.raises(ValueError, match="not both"):
+        load_mean(tp, 3, tmp_path)
+    tp.ClearField("mean_file")
+    assert load_mean(tp, 3).ravel().tolist() == [7, 7, 7]  # caffe: one value for every channel
+    tp.mean_value.extend([8, 9])
+    assert load_mean(tp, 3).shape == (3, 1, 1) and load_mean(tp, 3).ravel().tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="3 values for 1 channels"):
+        load_mean(tp, 1)
+    assert load_mean(caffe_pb2.TransformationParameter(), 3) is None
