@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from tqdm import tqdm
 
 from resnet_imagenet import transform as T
@@ -69,19 +70,25 @@ def compute_image_mean(
     try:
         with env.begin() as txn:
             for key, raw in tqdm(txn.cursor(), total=env.stat()["entries"], unit="img", disable=not progress):
-                d = parse_datum(raw)
-                img = T.decode_image(d.data, T.native_channels(d.data)) if d.encoded else datum_to_array(d)
-                if crop:
-                    try:
+                name = key.decode(errors="replace")
+                try:
+                    d = parse_datum(raw)
+                    img = T.decode_image(d.data, T.native_channels(d.data)) if d.encoded else datum_to_array(d)
+                    if crop:
                         top, left = T.centre_offsets(*img.shape[:2], crop)
-                    except ValueError as e:
-                        raise ValueError(f"{db}: record {key.decode(errors='replace')}: {e} (--crop)") from None
-                    img = img[top : top + crop, left : left + crop]
+                        img = img[top : top + crop, left : left + crop]
+                except (ValueError, DecodeError) as e:  # caffe: CHECKs too (a mean over fewer records misleads)
+                    raise ValueError(f"{db}: record {name}: {e}") from None
                 if total is None:
                     total = np.zeros(img.shape, np.float64)
+                elif img.shape[2] != total.shape[2]:
+                    raise ValueError(
+                        f"{db}: record {name} has {img.shape[2]} channel(s), the first had {total.shape[2]}; "
+                        "records differ in channels (gray and colour)"
+                    )
                 elif img.shape != total.shape:
                     raise ValueError(
-                        f"{db}: record {key.decode(errors='replace')} is {img.shape[:2]}, the first was "
+                        f"{db}: record {name} is {img.shape[:2]}, the first was "
                         f"{total.shape[:2]}; records differ in size, so give --crop"
                     )
                 total += img

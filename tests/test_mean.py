@@ -75,3 +75,39 @@ def test_load_mean_file_values_and_checks(tmp_path):
     with pytest.raises(ValueError, match="3 values for 1 channels"):
         load_mean(tp, 1)
     assert load_mean(caffe_pb2.TransformationParameter(), 3) is None
+
+
+def _raw_db(path, records: list[bytes]):
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i, r in enumerate(records):
+            txn.put(f"{i:08d}_img{i}".encode(), r)
+    env.close()
+    return path
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def test_corrupt_record_names_its_key(tmp_path):
+    from resnet_imagenet.datum import encode_datum
+
+    good = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
+    db = _raw_db(tmp_path / "db", [good, encode_datum(b"not an image", 1, encoded=True)])
+    with pytest.raises(ValueError, match=r"db: record 00000001_img1: not a readable image"):
+        compute_image_mean(db, progress=False)
+
+
+def test_gray_and_colour_records_are_reported_as_differing_channels(tmp_path):
+    from resnet_imagenet.datum import encode_datum
+
+    colour = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
+    gray = encode_datum(_png(np.zeros((4, 4), np.uint8)), 1, encoded=True)
+    db = _raw_db(tmp_path / "db", [colour, gray])
+    with pytest.raises(ValueError, match=r"record 00000001_img1 has 1 channel\(s\), the first had 3; .*differ in chan"):
+        compute_image_mean(db, progress=False)
