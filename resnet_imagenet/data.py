@@ -34,6 +34,13 @@ from resnet_imagenet.prototxt import TRAIN, parse_phase
 
 log = logging.getLogger(__name__)
 
+# What a bad record raises: it is skipped and reported, never fatal.
+_SKIPPED = (ValueError, KeyError, OSError, DecodeError, cv2.error)
+
+
+class _Unsupported(ValueError):
+    """A record the loader cannot use by design (not corrupt): on record 0 it is a setup error."""
+
 
 class _Records:
     """Index -> (image HxWxC uint8, label) for an LMDB of Datums or a Caffe image list."""
@@ -99,7 +106,7 @@ class _Records:
         d = parse_datum(self.raw(i))
         img = T.decode_image(d.data, channels) if d.encoded else datum_to_array(d)
         if img.dtype != np.uint8:
-            raise ValueError("float_data datums are not supported by the loader")
+            raise _Unsupported("float_data Datums are not supported by the loader (store uint8 images)")
         return T.match_channels(img, channels), int(d.label)
 
     def close(self) -> None:
@@ -136,12 +143,17 @@ class _Batches(torch.utils.data.Dataset):
         epoch, i = divmod(pos, s)
         return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
 
+    def image(self, idx: int) -> tuple[np.ndarray, int]:
+        """Record ``idx`` decoded (and resized to new_dim): the image the crop is taken from."""
+        img, label = self.recs.load(idx, self.cfg["channels"])
+        if self.cfg["new_dim"]:
+            img = T.resize_shorter(img, self.cfg["new_dim"], bicubic=self.cfg["bicubic"])
+        return img, label
+
     def sample(self, epoch: int, idx: int) -> tuple[np.ndarray, int, tuple[int, int, int, int, int]]:
         c = self.cfg
         rng = np.random.default_rng([c["seed"], epoch, idx, 1])
-        img, label = self.recs.load(idx, c["channels"])
-        if c["new_dim"]:
-            img = T.resize_shorter(img, c["new_dim"], bicubic=c["bicubic"])
+        img, label = self.image(idx)
         h, w = img.shape[:2]
         if c["rrc"]:
             out = T.random_resized_crop(img, c["crop"], rng)
@@ -168,7 +180,7 @@ class _Batches(torch.utils.data.Dataset):
                 try:
                     img, label, g = self.sample(epoch, j)
                     break
-                except (ValueError, KeyError, OSError, DecodeError, cv2.error) as e:  # corrupt: skip, never fatal
+                except _SKIPPED as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
             else:
                 if not stream:
@@ -263,6 +275,7 @@ class DataFeed:
         self._ds = _Batches(recs, cfg)
         self._scale = float(tp.scale)
         self._mean, self._mean_full = self._load_mean(tp, base, channels, rrc)
+        self._check_first_record()
         self._pos = 0
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
@@ -280,6 +293,25 @@ class DataFeed:
         if full and rrc:
             raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
         return torch.from_numpy(m).to(self.device), full
+
+    def _check_first_record(self) -> None:
+        """Record 0 through decode and crop now, so a setup error (float_data Datums, a crop larger than the
+        images) is one clear error instead of 64 'unreadable record' warnings; a corrupt record 0 is left to
+        the feed, which skips it as any other."""
+        ds = self._ds
+        try:
+            img, _ = ds.image(0)
+        except _Unsupported as e:
+            raise ValueError(f"layer '{self.name}': {ds.recs.source}: {e}") from None
+        except _SKIPPED:
+            return
+        finally:
+            ds.recs.close()  # workers open their own environments
+        h, w = img.shape[:2]
+        crop = ds.cfg["crop"]
+        if crop and not ds.cfg["rrc"] and (h < crop or w < crop):
+            raise ValueError(f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} "
+                             f"(record 0 is {h}x{w}{' after new_dim' if ds.cfg['new_dim'] else ''})")  # fmt: skip
 
     # -- positions -----------------------------------------------------------------------------
     def __len__(self) -> int:
