@@ -341,6 +341,13 @@ class DataFeed:
     def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
         nb = self.device.type == "cuda"
+        if self._mean_full:  # checked on the host copy: on the device .any() would wait for the GPU every batch
+            src = b["geo"][:, 3:]
+            fits = (src == torch.tensor(self._mean.shape[1:])).all(1)
+            if not fits.all():
+                raise ValueError(f"layer '{self.name}': mean_file is {tuple(self._mean.shape[1:])} but an image is "
+                                 f"{tuple(src[int((~fits).nonzero()[0, 0])].tolist())}; use a crop-sized mean or "
+                                 "mean_value")  # fmt: skip
         x = b["data"].to(self.device, non_blocking=nb).float()
         label = b["label"].to(self.device, non_blocking=nb)
         if self._mean is not None:
@@ -348,9 +355,6 @@ class DataFeed:
             geo = b["geo"].to(self.device, non_blocking=nb)
             flip = geo[:, 2].bool().view(-1, 1, 1, 1)
             if self._mean_full:
-                if (geo[:, 3] != m.shape[1]).any() or (geo[:, 4] != m.shape[2]).any():
-                    raise ValueError(f"layer '{self.name}': mean_file is {tuple(m.shape[1:])} but an image is "
-                                     f"{tuple(geo[0, 3:].tolist())}; use a crop-sized mean or mean_value")  # fmt: skip
                 h, w = x.shape[2:]
                 ar_h = torch.arange(h, device=self.device)
                 ar_w = torch.arange(w, device=self.device)

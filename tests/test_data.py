@@ -112,6 +112,32 @@ def test_mean_file_of_the_wrong_size_is_a_clear_error(tmp_path):
             feed.next()
 
 
+def test_mean_file_size_error_names_the_image_that_does_not_fit(tmp_path):
+    write_blobproto(np.zeros((1, 3, 8, 8), np.float32), tmp_path / "m.binaryproto")
+    db = make_db(tmp_path, [np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)])
+    t = 'crop_size: 4 mean_file: "m.binaryproto"'
+    with DataFeed(layer(db, 2, transform=t), "test", num_workers=0, base_dir=tmp_path) as feed:
+        with pytest.raises(ValueError, match=r"mean_file is \(8, 8\) but an image is \(9, 8\)"):
+            feed.next()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_size_mean_on_cuda_does_not_synchronise(tmp_path):
+    rng = np.random.default_rng(4)
+    write_blobproto(rng.random((1, 3, 6, 7)).astype(np.float32) * 100, tmp_path / "m.binaryproto")
+    make_db(tmp_path, [smooth_image(rng, 6, 7)] * 4)
+    t = 'crop_size: 4 mirror: true mean_file: "m.binaryproto"'
+    with DataFeed(layer("db", 4, transform=t), "train", num_workers=0, device="cuda", base_dir=tmp_path) as feed:
+        feed.next()  # warm up (first-use allocations)
+        torch.cuda.set_sync_debug_mode("error")  # any GPU -> host wait raises
+        try:
+            x, _ = feed.next()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.is_cuda
+
+
 def test_reference_mean_files_load_to_the_same_array(reference_dir):
     a = read_blobproto(reference_dir / "resnet-imagenet-caffe" / "bgr.binaryproto")
     b = read_blobproto(reference_dir / "resnet-imagenet-caffe" / "resnet_50" / "ResNet_mean.binaryproto")
