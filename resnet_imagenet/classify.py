@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnet_imagenet.evaluate import pick_device, ten_crops
+from resnet_imagenet.evaluate import ten_crops
 from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 
@@ -93,9 +93,11 @@ class Classifier:
         gpu: str | None = None,
         scale: float = 1.0,
     ):
+        from resnet_imagenet.dist import parse_gpus
         from resnet_imagenet.net import load_net
 
-        self.device = pick_device(gpu)
+        ids = parse_gpus("cpu" if gpu is None else str(gpu))  # one process: one GPU id, or the CPU
+        self.device = torch.device("cpu") if ids is None else torch.device("cuda", ids[0])
         self.net = load_net(model, weights=weights, phase="test").to(self.device).eval()
         if not self.net.input_names:
             raise ValueError(f"{model}: the net has no input")

@@ -142,3 +142,13 @@ def test_bad_images_one_line_each_others_run(colour_net, tmp_path, capsys) -> No
     err = cap.err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("resnet-imagenet classify: error: ") for line in err)
     assert "bad.jpg" in err[0] and "missing.jpg" in err[1] and "empty.jpg" in err[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPUs")
+def test_gpu_flag_is_parsed_as_train_parses_it(colour_net) -> None:
+    model, weights, _ = colour_net
+    assert Classifier(model, weights, gpu="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="--gpu all: no GPU is visible"):  # was: invalid literal for int()
+        Classifier(model, weights, gpu="all")
+    with pytest.raises(ValueError, match="GPU 0 does not exist"):
+        Classifier(model, weights, gpu="0")

@@ -113,12 +113,11 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str, out) -> None:
     import os
 
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), RESNET_IMAGENET_GLOO="1")  # fmt: skip
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    r = evaluate(f"{tmp}/train_val.prototxt", f"{tmp}/w.caffemodel", num_workers=0, base_dir=tmp)
-    out.put((rank, r))
-    torch.distributed.destroy_process_group()
+    r = evaluate(f"{tmp}/train_val.prototxt", f"{tmp}/w.caffemodel", gpu="cpu", num_workers=0, base_dir=tmp)
+    out.put((rank, r, torch.distributed.is_initialized()))  # evaluate leaves the group it joined
 
 
 @pytest.mark.slow
@@ -127,9 +126,11 @@ def test_two_processes_count_each_image_once(tmp_path) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), q), nprocs=2, start_method="spawn")
-    results = dict(q.get(timeout=60) for _ in range(2))
+    got = [q.get(timeout=60) for _ in range(2)]
+    assert sorted(rank for rank, _, _ in got) == [0, 1]
+    assert not any(initialized for _, _, initialized in got)
     want = _expected(images, labels, w, b, m, ten=False)
-    for r in results.values():  # ranks hold 4 and 3 images; the all-reduced totals are the single-process ones
+    for _, r, _ in got:  # ranks hold 4 and 3 images; the all-reduced totals are the single-process ones
         _check(r, want)
 
 
@@ -228,3 +229,28 @@ def test_ten_crop_centre_is_the_loader_centre() -> None:
         assert T.crop_offsets(h, w, CROP, False, np.random.default_rng(0)) == want
     with pytest.raises(ValueError, match="smaller than crop_size"):
         crop_offsets_10(3, 6, CROP)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPUs")
+def test_gpu_flag_follows_train(tmp_path, capsys, monkeypatch) -> None:
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["test", "--model", str(model), "--weights", "w.caffemodel", "--gpu", "all"]) == 1
+    assert "--gpu all: no GPU is visible" in capsys.readouterr().err  # was: invalid literal for int()
+    # under torchrun the --gpu list is checked before any process group starts (no hang, no wrong device)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="GPU 0 does not exist"):
+        evaluate(model, "w.caffemodel", gpu="0", num_workers=0)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_for_two_processes_is_an_error(tmp_path, monkeypatch) -> None:
+    # was: every rank silently on cuda:0
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="1 GPUs for 2 process"):
+        evaluate(model, tmp_path / "w.caffemodel", gpu="0", num_workers=0, base_dir=tmp_path)
