@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resnet_imagenet.datum import read_blobproto
-from resnet_imagenet.evaluate import pick_device, ten_crops
+from resnet_imagenet.evaluate import ten_crops
+from resnet_imagenet.mean import load_mean
+from resnet_imagenet.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,12 @@ def parse_mean(mean: str | os.PathLike | None, channels: int) -> np.ndarray | No
     if mean is None:
         return None
     text = str(mean)
+    tp = caffe_pb2.TransformationParameter()
     if not Path(text).exists() and re.fullmatch(r"[-+0-9.eE]+(,[-+0-9.eE]+)*", text):
-        v = [float(t) for t in text.split(",")]
-        v = v * channels if len(v) == 1 else v
-        if len(v) != channels:
-            raise ValueError(f"--mean {text}: {len(v)} values for {channels} channels")
-        return np.array(v, np.float32).reshape(channels, 1, 1)
-    m = read_blobproto(text)
-    m = m.reshape(m.shape[-3:]) if m.ndim >= 3 else m
-    if m.ndim != 3 or m.shape[0] != channels:
-        raise ValueError(f"{text}: mean of shape {m.shape} does not fit a {channels}-channel net")
-    return m.astype(np.float32)
+        tp.mean_value.extend(float(t) for t in text.split(","))
+    else:
+        tp.mean_file = text
+    return load_mean(tp, channels)
 
 
 @dataclass
@@ -97,9 +93,11 @@ class Classifier:
         gpu: str | None = None,
         scale: float = 1.0,
     ):
+        from resnet_imagenet.dist import parse_gpus
         from resnet_imagenet.net import load_net
 
-        self.device = pick_device(gpu)
+        ids = parse_gpus("cpu" if gpu is None else str(gpu))  # one process: one GPU id, or the CPU
+        self.device = torch.device("cpu") if ids is None else torch.device("cuda", ids[0])
         self.net = load_net(model, weights=weights, phase="test").to(self.device).eval()
         if not self.net.input_names:
             raise ValueError(f"{model}: the net has no input")

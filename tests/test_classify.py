@@ -73,7 +73,7 @@ def test_parse_mean(tmp_path) -> None:
         parse_mean("1,2", 3)
     write_blobproto(np.ones((1, 3, 5, 5), np.float32), tmp_path / "m.binaryproto", legacy=True)
     assert parse_mean(tmp_path / "m.binaryproto", 3).shape == (3, 5, 5)
-    with pytest.raises(ValueError, match="does not fit a 1-channel net"):
+    with pytest.raises(ValueError, match="does not fit 1-channel data"):
         parse_mean(tmp_path / "m.binaryproto", 1)
 
 
@@ -142,3 +142,13 @@ def test_bad_images_one_line_each_others_run(colour_net, tmp_path, capsys) -> No
     err = cap.err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("resnet-imagenet classify: error: ") for line in err)
     assert "bad.jpg" in err[0] and "missing.jpg" in err[1] and "empty.jpg" in err[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPUs")
+def test_gpu_flag_is_parsed_as_train_parses_it(colour_net) -> None:
+    model, weights, _ = colour_net
+    assert Classifier(model, weights, gpu="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="--gpu all: no GPU is visible"):  # was: invalid literal for int()
+        Classifier(model, weights, gpu="all")
+    with pytest.raises(ValueError, match="GPU 0 does not exist"):
+        Classifier(model, weights, gpu="0")

@@ -112,6 +112,32 @@ def test_mean_file_of_the_wrong_size_is_a_clear_error(tmp_path):
             feed.next()
 
 
+def test_mean_file_size_error_names_the_image_that_does_not_fit(tmp_path):
+    write_blobproto(np.zeros((1, 3, 8, 8), np.float32), tmp_path / "m.binaryproto")
+    db = make_db(tmp_path, [np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)])
+    t = 'crop_size: 4 mean_file: "m.binaryproto"'
+    with DataFeed(layer(db, 2, transform=t), "test", num_workers=0, base_dir=tmp_path) as feed:
+        with pytest.raises(ValueError, match=r"mean_file is \(8, 8\) but an image is \(9, 8\)"):
+            feed.next()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_full_size_mean_on_cuda_does_not_synchronise(tmp_path):
+    rng = np.random.default_rng(4)
+    write_blobproto(rng.random((1, 3, 6, 7)).astype(np.float32) * 100, tmp_path / "m.binaryproto")
+    make_db(tmp_path, [smooth_image(rng, 6, 7)] * 4)
+    t = 'crop_size: 4 mirror: true mean_file: "m.binaryproto"'
+    with DataFeed(layer("db", 4, transform=t), "train", num_workers=0, device="cuda", base_dir=tmp_path) as feed:
+        feed.next()  # warm up (first-use allocations)
+        torch.cuda.set_sync_debug_mode("error")  # any GPU -> host wait raises
+        try:
+            x, _ = feed.next()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.is_cuda
+
+
 def test_reference_mean_files_load_to_the_same_array(reference_dir):
     a = read_blobproto(reference_dir / "resnet-imagenet-caffe" / "bgr.binaryproto")
     b = read_blobproto(reference_dir / "resnet-imagenet-caffe" / "resnet_50" / "ResNet_mean.binaryproto")
@@ -268,3 +294,37 @@ def test_training_stream_keeps_ranks_in_step_when_world_size_does_not_divide(tmp
         flat = [lab for s in seen for lab in s]
         assert len(flat) == len(set(flat)) == 9  # disjoint within the epoch, 1 image left out
     assert [f.state_dict()["epoch"] for f in feeds] == [2, 2, 2]
+
+
+def test_crop_larger_than_the_images_is_a_setup_error_not_corrupt_records(tmp_path, caplog):
+    db = make_db(tmp_path, [np.zeros((4, 5, 3), np.uint8)] * 3)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as e:
+        DataFeed(layer(db, 2, transform="crop_size: 5"), "test", num_workers=0)
+    assert str(e.value) == f"layer 'data': crop_size 5 is larger than the images of {db} (record 0 is 4x5)"
+    assert "skipped" not in caplog.text
+
+
+def test_float_data_datums_are_a_setup_error(tmp_path, caplog):
+    db = tmp_path / "float_lmdb"
+    env = lmdb.open(str(db), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i in range(3):
+            d = caffe_pb2.Datum(channels=1, height=2, width=2, float_data=[0.5] * 4, label=i)
+            txn.put(b"%08d_f" % i, d.SerializeToString())
+    env.close()
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match=r"layer 'data': .*float_lmdb: float_data"):
+        DataFeed(layer(db, 2), "test", num_workers=0)
+    assert "skipped" not in caplog.text
+
+
+def test_a_corrupt_first_record_is_still_skipped(tmp_path, caplog):
+    db = make_db(tmp_path, [np.full((6, 6, 3), i, np.uint8) for i in range(3)], encoded=True)
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000000_"))
+        txn.put(key, caffe_pb2.Datum(encoded=True, data=b"\x89PNG broken", label=0).SerializeToString())
+    env.close()
+    with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2, transform="crop_size: 4"), "test", num_workers=0) as f:
+        _, y = f.next()
+    assert y.tolist() == [1, 1]  # record 0 replaced by the next good one
+    assert "record 0 skipped" in caplog.text

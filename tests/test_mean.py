@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from _images import make_db
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.datum import read_blobproto
+from resnet_imagenet.datum import read_blobproto, write_blobproto
 from resnet_imagenet.mean import compute_image_mean
 
 
@@ -41,3 +45,69 @@ def test_sizes_differ_needs_crop(tmp_path):
     with pytest.raises(ValueError, match="give --crop"):
         compute_image_mean(db, progress=False)
     assert compute_image_mean(db, crop=4, progress=False).shape == (1, 3, 4, 4)
+
+
+def test_mean_module_does_not_import_torch():
+    # compute_image_mean reads LMDBs through lmdbio, not through the torch loader
+    code = "import sys, resnet_imagenet.mean; assert not {'torch', 'resnet_imagenet.data'} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_load_mean_file_values_and_checks(tmp_path):
+    from resnet_imagenet.mean import load_mean
+    from resnet_imagenet.proto import caffe_pb2
+
+    m = np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)
+    write_blobproto(m, tmp_path / "m.binaryproto", legacy=True)
+    tp = caffe_pb2.TransformationParameter(mean_file="m.binaryproto")
+    got = load_mean(tp, 3, tmp_path)  # relative to base_dir
+    assert got.dtype == np.float32 and got.shape == (3, 4, 5)
+    np.testing.assert_array_equal(got, m[0])
+    with pytest.raises(ValueError, match="layer 'data': .*m.binaryproto: mean of shape .* does not fit 1-channel"):
+        load_mean(tp, 1, tmp_path, layer="data")
+    tp.mean_value.append(7)
+    with pytest.raises(ValueError, match="not both"):
+        load_mean(tp, 3, tmp_path)
+    tp.ClearField("mean_file")
+    assert load_mean(tp, 3).ravel().tolist() == [7, 7, 7]  # caffe: one value for every channel
+    tp.mean_value.extend([8, 9])
+    assert load_mean(tp, 3).shape == (3, 1, 1) and load_mean(tp, 3).ravel().tolist() == [7, 8, 9]
+    with pytest.raises(ValueError, match="3 values for 1 channels"):
+        load_mean(tp, 1)
+    assert load_mean(caffe_pb2.TransformationParameter(), 3) is None
+
+
+def _raw_db(path, records: list[bytes]):
+    import lmdb
+
+    env = lmdb.open(str(path), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i, r in enumerate(records):
+            txn.put(f"{i:08d}_img{i}".encode(), r)
+    env.close()
+    return path
+
+
+def _png(img: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
+def test_corrupt_record_names_its_key(tmp_path):
+    from resnet_imagenet.datum import encode_datum
+
+    good = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
+    db = _raw_db(tmp_path / "db", [good, encode_datum(b"not an image", 1, encoded=True)])
+    with pytest.raises(ValueError, match=r"db: record 00000001_img1: not a readable image"):
+        compute_image_mean(db, progress=False)
+
+
+def test_gray_and_colour_records_are_reported_as_differing_channels(tmp_path):
+    from resnet_imagenet.datum import encode_datum
+
+    colour = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
+    gray = encode_datum(_png(np.zeros((4, 4), np.uint8)), 1, encoded=True)
+    db = _raw_db(tmp_path / "db", [colour, gray])
+    with pytest.raises(ValueError, match=r"record 00000001_img1 has 1 channel\(s\), the first had 3; .*differ in chan"):
+        compute_image_mean(db, progress=False)
