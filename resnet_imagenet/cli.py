@@ -33,6 +33,13 @@ class CaffeFormatter(logging.Formatter):
         return f"{prefix} {msg}"
 
 
+def error_line(text: str) -> None:
+    """One ``resnet-imagenet CMD: error: ...`` line in a single write, so lines from several processes
+    sharing stderr (torchrun's ranks) never run together (print writes the newline separately)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(CaffeFormatter())
@@ -231,10 +238,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         return train(opts)
     except TrainingDiverged as e:
-        print(f"resnet-imagenet train: error: {e}", file=sys.stderr)
+        error_line(f"resnet-imagenet train: error: {e}")
         return 3
     except SnapshotError as e:
-        print(f"resnet-imagenet train: error: {e}", file=sys.stderr)
+        error_line(f"resnet-imagenet train: error: {e}")
         return 1
 
 
@@ -382,7 +389,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             print(format_prediction(clf.classify(path)), flush=True)
         except (OSError, ValueError) as e:  # a bad image: one line, the others still run
             failed += 1
-            print(f"resnet-imagenet classify: error: {path}: {e}", file=sys.stderr, flush=True)
+            error_line(f"resnet-imagenet classify: error: {path}: {e}")
     return 1 if failed else 0
 
 
@@ -396,7 +403,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         run_demo(cfg)
     except RuntimeError as e:
-        print(f"resnet-imagenet demo: error: {e}", file=sys.stderr)
+        error_line(f"resnet-imagenet demo: error: {e}")
         return 1
     return 0
 
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: one clear line, no traceback (use -v for one).
         if args.verbose:
             log.exception("failed")
-        print(f"resnet-imagenet {args.command}: error: {e}", file=sys.stderr)
+        error_line(f"resnet-imagenet {args.command}: error: {e}")
         return 1
     except KeyboardInterrupt:
         return 130
