@@ -77,12 +77,17 @@ class _Records:
 
     def native_channels(self) -> int:
         """Channels of record 0 as stored; the whole batch is made to match it."""
-        if self.is_list:
-            with open(os.path.join(self.root, self.paths[0]), "rb") as f:
-                return T.native_channels(f.read())
-        d = parse_datum(self.raw(0))
-        self.close()  # workers open their own environments
-        return T.native_channels(d.data) if d.encoded else d.channels
+        try:
+            if self.is_list:
+                with open(os.path.join(self.root, self.paths[0]), "rb") as f:
+                    return T.native_channels(f.read())
+            d = parse_datum(self.raw(0))
+            return T.native_channels(d.data) if d.encoded else d.channels
+        except _SKIPPED as e:  # a corrupt record 0 is skipped like any other; assume colour
+            log.warning("%s: record 0 unreadable (%s): assuming 3 channels", self.source, e)
+            return T.COLOR
+        finally:
+            self.close()  # workers open their own environments
 
     def raw(self, i: int) -> bytes:
         if self._env is None or self._pid != os.getpid():  # lazily, once per worker process

@@ -329,3 +329,16 @@ def test_a_corrupt_first_record_is_still_skipped(tmp_path, caplog):
         _, y = f.next()
     assert y.tolist() == [1, 1]  # record 0 replaced by the next good one
     assert "record 0 skipped" in caplog.text
+
+
+def test_record_zero_that_is_not_a_datum_is_skipped_not_a_crash(tmp_path, caplog):
+    db = make_db(tmp_path, [np.full((4, 4, 3), i, np.uint8) for i in range(3)])
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000000_"))
+        txn.put(key, b"\x0a\xff\xff garbage, not a protobuf")
+    env.close()
+    with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2), "test", num_workers=0) as feed:
+        labels = [y.tolist() for _, y in feed.epoch()]
+    assert labels == [[1], [2]]
+    assert "record 0 unreadable" in caplog.text
