@@ -19,111 +19,22 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import cv2
-import lmdb
 import numpy as np
 import torch
-from google.protobuf.message import DecodeError
 
 from resnet_imagenet import transform as T
-from resnet_imagenet.datum import datum_to_array, parse_datum
-from resnet_imagenet.lmdbio import close_lmdb, open_lmdb
 from resnet_imagenet.mean import load_mean
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import TRAIN, parse_phase
+from resnet_imagenet.records import SKIPPED, Records, Unsupported
 
 log = logging.getLogger(__name__)
-
-# What a bad record raises: it is skipped and reported, never fatal.
-_SKIPPED = (ValueError, KeyError, OSError, DecodeError, cv2.error)
-
-
-class _Unsupported(ValueError):
-    """A record the loader cannot use by design (not corrupt): on record 0 it is a setup error."""
-
-
-class _Records:
-    """Index -> (image HxWxC uint8, label) for an LMDB of Datums or a Caffe image list."""
-
-    def __init__(self, source: Path, *, is_list: bool, root: str = "", resize: tuple[int, int] = (0, 0)):
-        self.source, self.is_list, self.root, self.resize = source, is_list, root, resize
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-        self.keys: np.ndarray | None = None  # None: keys are the dense '%08d_' Caffe keys
-        if is_list:
-            from resnet_imagenet.imageset import read_list  # list format shared with convert_imageset
-
-            items, bad = read_list(source)
-            for where, reason in bad:
-                log.warning("%s: skipped: %s", where, reason)
-            self.paths = [p for p, _ in items]
-            self.labels = np.array([lab for _, lab in items], dtype=np.int64)
-            self.n = len(items)
-        else:
-            env = open_lmdb(source)
-            self.n = env.stat()["entries"]
-            with env.begin() as txn:
-                if not self._dense(txn):
-                    self.keys = np.array(list(txn.cursor().iternext(values=False)))
-            close_lmdb(source)
-        if self.n == 0:
-            raise ValueError(f"{source}: no records")
-
-    def _dense(self, txn: lmdb.Transaction) -> bool:
-        cur = txn.cursor()
-        first = cur.key() if cur.first() else b""
-        last = cur.key() if cur.last() else b""
-        return first.startswith(b"%08d_" % 0) and last.startswith(b"%08d_" % (self.n - 1))
-
-    def native_channels(self) -> int:
-        """Channels of record 0 as stored; the whole batch is made to match it."""
-        try:
-            if self.is_list:
-                with open(os.path.join(self.root, self.paths[0]), "rb") as f:
-                    return T.native_channels(f.read())
-            d = parse_datum(self.raw(0))
-            return T.native_channels(d.data) if d.encoded else d.channels
-        except _SKIPPED as e:  # a corrupt record 0 is skipped like any other; assume colour
-            log.warning("%s: record 0 unreadable (%s): assuming 3 channels", self.source, e)
-            return T.COLOR
-        finally:
-            self.close()  # workers open their own environments
-
-    def raw(self, i: int) -> bytes:
-        if self._env is None or self._pid != os.getpid():  # lazily, once per worker process
-            self._env, self._pid = open_lmdb(self.source), os.getpid()
-        with self._env.begin(buffers=False) as txn:
-            if self.keys is not None:
-                val = txn.get(bytes(self.keys[i]))
-            else:
-                cur = txn.cursor()
-                prefix = b"%08d_" % i
-                val = cur.value() if cur.set_range(prefix) and cur.key().startswith(prefix) else None
-        if val is None:
-            raise KeyError(f"record {i} missing")
-        return val
-
-    def load(self, i: int, channels: int) -> tuple[np.ndarray, int]:
-        if self.is_list:
-            with open(os.path.join(self.root, self.paths[i]), "rb") as f:
-                img = T.decode_image(f.read(), channels)
-            return T.resize_exact(img, *self.resize), int(self.labels[i])
-        d = parse_datum(self.raw(i))
-        img = T.decode_image(d.data, channels) if d.encoded else datum_to_array(d)
-        if img.dtype != np.uint8:
-            raise _Unsupported("float_data Datums are not supported by the loader (store uint8 images)")
-        return T.match_channels(img, channels), int(d.label)
-
-    def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            close_lmdb(self.source)
-        self._env = None
 
 
 class _Batches(torch.utils.data.Dataset):
     """Item (stream position, count) -> a uint8 batch; runs in the DataLoader workers."""
 
-    def __init__(self, recs: _Records, cfg: dict):
+    def __init__(self, recs: Records, cfg: dict):
         self.recs, self.cfg = recs, cfg
         self._perm: dict[int, np.ndarray] = {}
 
@@ -185,7 +96,7 @@ class _Batches(torch.utils.data.Dataset):
                 try:
                     img, label, g = self.sample(epoch, j)
                     break
-                except _SKIPPED as e:  # corrupt: skip, never fatal
+                except SKIPPED as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
             else:
                 if not stream:
@@ -248,11 +159,11 @@ class DataFeed:
             dp = lp.data_param
             if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
                 raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
-            recs = _Records(base / dp.source, is_list=False)
+            recs = Records(base / dp.source, is_list=False)
             batch, shuffle, bicubic, dim = dp.batch_size, phase == TRAIN, False, 0
         elif lp.type == "ImageData":
             ip = lp.image_data_param
-            recs = _Records(
+            recs = Records(
                 base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=(ip.new_height, ip.new_width)
             )
             batch, shuffle, bicubic, dim = ip.batch_size, ip.shuffle, ip.bicubic, ip.new_dim
@@ -306,9 +217,9 @@ class DataFeed:
         ds = self._ds
         try:
             img, _ = ds.image(0)
-        except _Unsupported as e:
+        except Unsupported as e:
             raise ValueError(f"layer '{self.name}': {ds.recs.source}: {e}") from None
-        except _SKIPPED:
+        except SKIPPED:
             return
         finally:
             ds.recs.close()  # workers open their own environments
