@@ -133,6 +133,11 @@ def test_lasso_finds_the_channels_that_produce_the_output_and_least_squares_refi
     assert S.relative_error(x, y, keep, kk, w[:, used].reshape(cout, -1), None) > 0.1
 
 
+def test_lasso_on_all_zero_features_keeps_k_channels():
+    x, y, w = torch.zeros(20, 6), torch.zeros(20, 3), torch.randn(3, 6, 1, 1)
+    assert S.lasso_select(x, y, w, 2).tolist() == [0, 1]  # (its penalty search would start at alpha 0)
+
+
 def test_lasso_with_least_squares_beats_l1_at_the_same_widths(tiny):
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
     mean = tiny / "mean.binaryproto"
@@ -208,6 +213,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
         ("weights", "shape mismatch"),
         ("empty", "no records"),
         ("widths", "width 99 outside 1..16"),
+        ("filter", "has no Filter layer in front of a convolution"),
     ],
 )
 def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
@@ -221,6 +227,8 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
         extra[1] = "50"
     elif case == "empty":
         data = tiny / "empty_lmdb"
+    elif case == "filter":  # --filter-input with a widths prototxt that has no Filter layers
+        extra = ["--widths", str(TINY), "--filter-input", "--force"]
     else:
         other = parse_text(TINY.read_text(), caffe_pb2.NetParameter())
         conv = next(lp for lp in other.layer if lp.name == "res2a_branch2a").convolution_param
@@ -411,3 +419,42 @@ def test_prune_command_with_filter_input_exports_filter_layers(tiny, tmp_path):
     assert report["macs_after"] < P.planned_macs(net, pairs, widths)
     assert all(w >= v for w, v in zip(widths.values(), P.widths_for_speedup(net, pairs, 1.5).values()))
     load_net(out / "train_val.prototxt", weights=weights, phase="train")
+
+
+@pytest.mark.slow
+def test_released_widths_with_filter_input_give_the_released_resnet_50(tmp_path):
+    """ResNet-50 (random weights, 2 tiny-sampled images) pruned to the released widths and Filters: 2.60 GMACs."""
+    zoo = REPO / "prototxt_like" / "resnet_50"
+    env = lmdb.open(str(tmp_path / "lmdb"), map_size=1 << 26)
+    rng = np.random.default_rng(0)
+    with env.begin(write=True) as txn:
+        for i in range(2):
+            img = cv2.GaussianBlur((rng.random((224, 224, 3)) * 255).astype(np.uint8), (7, 7), 0)
+            txn.put(b"%08d" % i, encode_datum(img, i))
+    env.close()
+    write_blobproto(np.full((1, 3, 224, 224), 100.0, np.float32), tmp_path / "mean.binaryproto")
+    torch.manual_seed(0)
+    net = load_net(zoo / "train_val.prototxt", phase="test", input_shapes={"data": (1, 3, 224, 224), "label": (1,)})
+    with torch.no_grad():
+        for m in net.layers.values():
+            if isinstance(m, L.Convolution):
+                m.weight.normal_(0, (2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, L.BatchNorm):  # unit statistics (a fresh one has scale_factor 0)
+                m.variance.fill_(1.0)
+                m.scale_factor.fill_(1.0)
+    net.save_caffemodel(tmp_path / "w.caffemodel")
+    out = tmp_path / "resnet_50_2x"
+    args = ["prune", "--model", str(zoo / "train_val.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
+            "--data", str(tmp_path / "lmdb"), "--mean", str(tmp_path / "mean.binaryproto"), "--widths", "released",
+            "--filter-input", "--images", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert round(report["macs_before"] / 1e9, 2) == 3.86 and round(report["macs_after"] / 1e9, 2) == 2.60
+    assert report["macs_after"] == report["released"]["macs_with_input_filters"]
+    deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_50_2x_pruned.caffemodel")
+    assert P.count_params_macs(deployed)[1] == report["macs_after"]
+    _, filters = read_widths(out / "train_val.prototxt")
+    assert filters == P.RELEASED_FILTERS
+    for conv, k in filters.items():
+        name = deployed.layer_params_by_name(conv).bottom[0]
+        assert int(deployed.layers[name].selector.count_nonzero()) == k
