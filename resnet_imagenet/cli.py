@@ -273,6 +273,12 @@ def _add_prune_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="torch device for the forward passes (cpu, cuda)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--filter-input",
+        action="store_true",
+        help="also prune the block input each branch2a reads, through a Filter layer in front of it (as the "
+        "released ResNet-50-2X): --widths' Filter widths, or with --speedup the inner widths' keep ratio",
+    )
     p.set_defaults(func=_cmd_prune)
 
 
@@ -282,7 +288,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     report = run(
         args.model, args.weights, args.data, args.out, speedup=args.speedup, widths=args.widths, mean=args.mean,
         method=args.method, images=args.images, points=args.points_per_image, seed=args.seed, batch=args.batch,
-        device=args.device, force=args.force,
+        device=args.device, force=args.force, filter_input=args.filter_input,
     )  # fmt: skip
     print(format_report(report))
     print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")

@@ -28,6 +28,7 @@ from torch import nn
 from resnet_imagenet import layers as L
 from resnet_imagenet.net import CaffeNet
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prune_filter import apply_filter, check_filters, with_full_filters
 from resnet_imagenet.prune_select import Samples, l1_select, lasso_select, predict, reconstruct, sample_points
 
 log = logging.getLogger(__name__)
@@ -199,14 +200,27 @@ def check_widths(pairs: list[PrunePair], widths: dict[str, int]) -> None:
 
 def widths_for_speedup(net: CaffeNet, pairs: list[PrunePair], speedup: float) -> dict[str, int]:
     """The largest uniform keep ratio r (width ceil(r * channels)) giving MACs(original)/MACs(pruned) >= speedup."""
+    return plan_for_speedup(net, pairs, speedup)[0]
+
+
+def plan_for_speedup(
+    net: CaffeNet, pairs: list[PrunePair], speedup: float, inputs: dict[str, int] | None = None
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(widths, filters) of the largest uniform keep ratio r reaching ``speedup``; ``inputs`` (conv -> its
+    input channels, see prune_filter.filter_targets) get input Filters of ceil(r * channels) too."""
     if not pairs:
         raise ValueError("the net has no prunable convolution pairs (conv -> [BatchNorm, Scale, ReLU] -> conv)")
+    inputs = inputs or {}
     base = planned_macs(net, pairs, {})
 
-    def at(r: float) -> dict[str, int]:
-        return {p.conv: max(1, math.ceil(r * p.channels - 1e-9)) for p in pairs}
+    def at(r: float, table) -> dict[str, int]:
+        return {name: max(1, math.ceil(r * c - 1e-9)) for name, c in table.items()}
 
-    best = base / planned_macs(net, pairs, at(0.0))
+    def macs(r: float) -> int:
+        return planned_macs(net, pairs, at(r, chans), at(r, inputs))
+
+    chans = {p.conv: p.channels for p in pairs}
+    best = base / macs(0.0)
     if best < speedup:
         raise ValueError(
             f"--speedup {speedup:g} cannot be reached: even 1 channel per prunable conv gives {best:.2f}x "
@@ -215,11 +229,12 @@ def widths_for_speedup(net: CaffeNet, pairs: list[PrunePair], speedup: float) ->
     lo, hi = 0.0, 1.0  # speed-up(lo) >= target
     for _ in range(60):
         mid = (lo + hi) / 2
-        if base / planned_macs(net, pairs, at(mid)) >= speedup:
+        if base / macs(mid) >= speedup:
             lo = mid
         else:
             hi = mid
-    return at(lo)
+    filters = {name: k for name, k in at(lo, inputs).items() if k < inputs[name]}
+    return at(lo, chans), filters
 
 
 # --- applying a pruning to the in-memory net ----------------------------------------------------
@@ -303,6 +318,41 @@ def _error(sm: Samples, keep: np.ndarray, kk: int, w, b, scale) -> float:
     return float(diff.norm() / ref.norm().clamp(min=1e-30))
 
 
+def _held_out(sm: Samples, seed: int) -> tuple[Samples, Samples]:
+    """(held-out, fitting) split of the sampled points."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(sm.x)))
+    n_held = int(len(order) * HOLD_OUT)
+    return (sm.split(order[:n_held]), sm.split(order[n_held:])) if n_held else (sm, sm)
+
+
+def _warn_few(layer: str, fit: Samples, columns: int) -> None:
+    if len(fit.x) < 2 * columns:
+        log.warning("%s: %d fitting points for %d least-squares columns (< 2x): the fit may interpolate;"
+                    " raise --images or --points-per-image", layer, len(fit.x), columns)  # fmt: skip
+
+
+def _prune_input(net, pruned, conv: str, fname: str, k: int, batches, method: str, points: int, seed: int):
+    """Narrow the Filter ``fname`` in front of ``conv`` to ``k`` of its input channels: LASSO on conv's input
+    (pruned net) against its output (original net), then conv refitted by least squares; a LayerReport."""
+    c = pruned.layers[conv]
+    w_old = c.weight.detach().cpu()
+    b_old = c.bias.detach().cpu() if c.bias is not None else None
+    kk, cin = w_old[0, 0].numel(), w_old.shape[1]
+    held, fit = _held_out(sample_points(net, pruned, conv, batches, points, seed), seed)
+    columns = k * kk + (b_old is not None)
+    if method == "lasso":
+        keep, w_new, b_new = _fit(fit, w_old, b_old, k, None, False)
+        _warn_few(conv, fit, columns)
+    else:  # the baseline: the input channels with the largest L1 norm of conv's weights, no refit
+        keep = l1_select(w_old.transpose(0, 1), k)
+        w_new, b_new = w_old[:, torch.from_numpy(keep)].reshape(len(w_old), -1), b_old
+    err = _error(held, keep, kk, w_new, b_new, None)
+    apply_filter(pruned, fname, conv, keep, w_new, b_new)
+    log.info("%s: input %d -> %d channels (%s), %s relative error %.4f (held-out points)", fname, cin, k,
+             method, conv, err)  # fmt: skip
+    return LayerReport(fname, conv, cin, k, err, conv, len(fit.x), columns)
+
+
 def prune_net(
     net: CaffeNet,
     images: torch.Tensor,
@@ -312,20 +362,36 @@ def prune_net(
     batch: int = 16,
     seed: int = 0,
     shortcut: bool = True,
+    filters: dict[str, int] | None = None,
 ) -> tuple[CaffeNet, list[LayerReport]]:
     """A pruned copy of ``net`` (``net`` untouched) with each pair's conv cut to ``widths``, pair by pair.
 
     ``shortcut`` (lasso only): refit a conv that feeds a residual sum so that the SUM matches the
     original, making up for what pruning earlier blocks changed in the shortcut.
+    ``filters``: conv (a ResNet branch2a) -> channels of its input to keep; a Filter layer in front of
+    it keeps them (the shortcut still reads the whole blob), chosen and refitted before its outputs are.
     """
     if method not in ("lasso", "l1"):
         raise ValueError(f"unknown method {method!r} (lasso, l1)")
     pairs = find_pairs(net)
     check_widths(pairs, widths)
+    check_filters(net, pairs, filters or {})
+    filters = {name: k for name, k in (filters or {}).items() if k < net.layers[name].weight.shape[1]}
     net.eval()
-    pruned = copy.deepcopy(net)
+    if filters:
+        pruned, fnames = with_full_filters(net, list(filters))
+    else:
+        pruned, fnames = copy.deepcopy(net), {}
     reports = []
+
+    def batches():
+        return (images[s : s + batch] for s in range(0, len(images), batch))
+
     for i, pair in enumerate(pairs):
+        if pair.conv in filters:
+            fseed = seed * 100003 + len(pairs) + i  # not a pair's seed: those stay as without filters
+            reports.append(_prune_input(net, pruned, pair.conv, fnames[pair.conv], filters[pair.conv], batches(),
+                                        method, points, fseed))  # fmt: skip
         k = widths.get(pair.conv, pair.channels)
         if k == pair.channels:
             continue
@@ -335,18 +401,13 @@ def prune_net(
         kk = w_old[0, 0].numel()
         res = find_residual_sum(net, pair.next)
         scale = residual_affine(net, res, len(w_old))[0] if res is not None else None
-        batches = (images[s : s + batch] for s in range(0, len(images), batch))
-        sm = sample_points(net, pruned, pair.next, batches, points, seed * 100003 + i,
+        sm = sample_points(net, pruned, pair.next, batches(), points, seed * 100003 + i,
                            res.eltwise if res else None, res.main if res else 0)  # fmt: skip
-        order = torch.from_numpy(np.random.default_rng(seed * 100003 + i).permutation(len(sm.x)))
-        n_held = int(len(order) * HOLD_OUT)
-        held, fit = (sm.split(order[:n_held]), sm.split(order[n_held:])) if n_held else (sm, sm)
+        held, fit = _held_out(sm, seed * 100003 + i)
         columns = k * kk + (b_old is not None)
         if method == "lasso":
             keep, w_new, b_new = _fit(fit, w_old, b_old, k, scale, shortcut)
-            if len(fit.x) < 2 * columns:
-                log.warning("%s: %d fitting points for %d least-squares columns (< 2x): the fit may interpolate;"
-                            " raise --images or --points-per-image", pair.next, len(fit.x), columns)  # fmt: skip
+            _warn_few(pair.next, fit, columns)
         else:
             keep = l1_select(pruned.layers[pair.conv].weight, k)
             w_new, b_new = w_old[:, torch.from_numpy(keep)].reshape(len(w_old), -1), b_old

@@ -1,7 +1,8 @@
 """``resnet-imagenet prune``: load a net + weights, sample images, prune, write the output folder.
 
 The folder (written completely or not at all) holds train_val.prototxt and deploy.prototxt with the
-reduced num_output (plain layers only), <dir>_pruned.caffemodel, a fine-tune <dir>_solver.prototxt
+reduced num_output (plain layers only, unless --filter-input adds caffe-pro Filter layers in front of
+each branch2a), <dir>_pruned.caffemodel, a fine-tune <dir>_solver.prototxt
 and prune_report.json. Every check on the input (weights matching the net, a reachable speed-up,
 a readable non-empty database) runs before anything is written.
 """
@@ -24,6 +25,7 @@ from resnet_imagenet.fileio import atomic_path
 from resnet_imagenet.net import CaffeNet, load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.prototxt import DATA_LAYER_TYPES, TEST, filter_net, read_net, read_solver, to_text
+from resnet_imagenet.prune_filter import check_filters, export_filters, filter_targets
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +158,14 @@ def run(
     batch: int = 16,
     device: str = "cpu",
     force: bool = False,
+    filter_input: bool = False,
 ) -> dict:
-    """Prune ``model`` with ``weights`` and write the folder ``out``; returns the report."""
+    """Prune ``model`` with ``weights`` and write the folder ``out``; returns the report.
+
+    ``filter_input``: also prune the block input each branch2a reads, through a Filter layer in front of it
+    (the released ResNet-50-2X's channel sampler): widths from --widths' Filter layers, or with --speedup
+    the same keep ratio as the inner widths (counted in the multiply-adds).
+    """
     out, model = Path(out), Path(model)
     if (speedup is None) == (widths is None):
         raise ValueError("give exactly one of --speedup or --widths")
@@ -176,11 +184,15 @@ def run(
     check_weights(net, weights)
     net.to(device)
     pairs = P.find_pairs(net)
-    filters: dict[str, int] = {}
+    filters: dict[str, int] = {}  # the input Filter widths that --widths names (released or its prototxt's)
+    applied: dict[str, int] = {}  # the input Filters pruned with --filter-input
     if speedup is not None:
         if speedup <= 0:
             raise ValueError("--speedup must be positive")
-        keep = P.widths_for_speedup(net, pairs, speedup)
+        if filter_input:
+            keep, applied = P.plan_for_speedup(net, pairs, speedup, filter_targets(net, pairs))
+        else:
+            keep = P.widths_for_speedup(net, pairs, speedup)
     elif widths == "released":
         keep, filters = dict(P.RELEASED_WIDTHS), dict(P.RELEASED_FILTERS)
     else:
@@ -189,17 +201,22 @@ def run(
         if not keep:
             raise ValueError(f"{widths}: names none of this net's prunable convolutions")
     P.check_widths(pairs, keep)
+    if filter_input and widths is not None:
+        if not filters:
+            raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
+        applied = filters
+    check_filters(net, pairs, applied)
     params0, macs0 = P.count_params_macs(net)
     x = load_images(net.data_layers[0], data, mean, images, seed).to(device)
     log.info("sampled %d images of %s; pruning %d conv pairs by %s", len(x), data, len(keep), method)
-    pruned, reports = P.prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed)
+    pruned, reports = P.prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
     params1, macs1 = P.count_params_macs(pruned)
     report = {
         "model": str(model), "weights": str(weights), "data": str(data), "method": method,
         "widths": widths or f"speedup {speedup:g}", "images": len(x), "points_per_image": points,
         "layers": [asdict(r) for r in reports],
         "params_before": params0, "params_after": params1, "macs_before": macs0, "macs_after": macs1,
-        "speedup": macs0 / macs1, "requested_speedup": speedup,
+        "speedup": macs0 / macs1, "requested_speedup": speedup, "filter_input": filter_input,
     }  # fmt: skip
     if filters:
         with_filters = P.planned_macs(net, pairs, keep, filters)
@@ -225,6 +242,7 @@ def export(out: Path, full: caffe_pb2.NetParameter, pruned: CaffeNet, report: di
     for lp in tv.layer:
         if lp.type == "Convolution" and lp.name in widths:
             lp.convolution_param.num_output = widths[lp.name]
+    export_filters(tv, pruned)
     header = f"# Channel-pruned by resnet-imagenet prune ({report['method']}, {report['widths']}) from {model}\n"
     deploy = deploy_from(tv, (1, *pruned.input_shapes[pruned.input_names[0]][1:]))
     name = out.name

@@ -156,6 +156,8 @@ def lasso_select(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, k: int) -> n
     cin = g.shape[0]
     if k >= cin:
         return np.arange(cin)
+    if not np.abs(zy).max() > 0:  # no channel explains any output (e.g. all-zero features): by energy
+        return np.sort(np.argsort(-np.diag(g), kind="stable")[:k])
     # Any R with R^T R = G and R^T t = Z^T y gives the same LASSO objective up to a constant.
     lam, v = np.linalg.eigh(g)
     keep = lam > lam.max() * 1e-12

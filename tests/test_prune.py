@@ -13,6 +13,7 @@ import torch
 
 from resnet_imagenet import layers as L
 from resnet_imagenet import prune as P
+from resnet_imagenet import prune_filter as PF
 from resnet_imagenet import prune_select as S
 from resnet_imagenet.cli import main
 from resnet_imagenet.datum import encode_datum, write_blobproto
@@ -132,6 +133,11 @@ def test_lasso_finds_the_channels_that_produce_the_output_and_least_squares_refi
     assert S.relative_error(x, y, keep, kk, w[:, used].reshape(cout, -1), None) > 0.1
 
 
+def test_lasso_on_all_zero_features_keeps_k_channels():
+    x, y, w = torch.zeros(20, 6), torch.zeros(20, 3), torch.randn(3, 6, 1, 1)
+    assert S.lasso_select(x, y, w, 2).tolist() == [0, 1]  # (its penalty search would start at alpha 0)
+
+
 def test_lasso_with_least_squares_beats_l1_at_the_same_widths(tiny):
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
     mean = tiny / "mean.binaryproto"
@@ -207,6 +213,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
         ("weights", "shape mismatch"),
         ("empty", "no records"),
         ("widths", "width 99 outside 1..16"),
+        ("filter", "has no Filter layer in front of a convolution"),
     ],
 )
 def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
@@ -220,6 +227,8 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
         extra[1] = "50"
     elif case == "empty":
         data = tiny / "empty_lmdb"
+    elif case == "filter":  # --filter-input with a widths prototxt that has no Filter layers
+        extra = ["--widths", str(TINY), "--filter-input", "--force"]
     else:
         other = parse_text(TINY.read_text(), caffe_pb2.NetParameter())
         conv = next(lp for lp in other.layer if lp.name == "res2a_branch2a").convolution_param
@@ -331,3 +340,121 @@ def test_error_is_measured_on_held_out_points_and_few_points_warn(two_blocks, ca
     assert [(r.fit_points, r.columns) for r in reports] == [(52, 27), (52, 3)]  # 64 points, 12 held out
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and warned[0].startswith("a_2b: 52 fitting points for 27")
+
+
+def test_filter_input_prunes_each_block_input_through_a_filter_layer(two_blocks):
+    net, x, held = two_blocks
+    pairs = P.find_pairs(net)
+    assert PF.filter_targets(net, pairs) == {"a_2a": 8, "b_2a": 8}  # the block inputs; a_2b, b_2b are paired
+    widths, filters = {f"{b}_2{p}": 4 for b in "ab" for p in "ab"}, {"a_2a": 4, "b_2a": 5}
+    out, macs = {}, {}
+    for method in ("lasso", "l1"):
+        pruned, reports = P.prune_net(net, x, widths, points=10, method=method, filters=filters)
+        with torch.no_grad():
+            want, got = net(held, blobs=["b"])["b"], pruned(held, blobs=["b"])["b"]
+        out[method] = float((got - want).norm() / want.norm())
+        macs[method] = P.count_params_macs(pruned)[1]
+    assert [(r.layer, r.next, r.channels_before, r.channels_after) for r in reports] == [
+        ("data_Filter", "a_2a", 8, 4), ("a_2a", "a_2b", 8, 4), ("a_2b", "a_2c", 8, 4),
+        ("a_out_Filter", "b_2a", 8, 5), ("b_2a", "b_2b", 8, 4), ("b_2b", "b_2c", 8, 4),
+    ]  # fmt: skip
+    for name, conv in (("data_Filter", "a_2a"), ("a_out_Filter", "b_2a")):
+        f, lp = pruned.layers[name], pruned.layer_params_by_name(name)
+        assert int(f.selector.count_nonzero()) == f.num_output == lp.filter_param.num_output == filters[conv]
+        assert list(pruned.layer_params_by_name(conv).bottom) == [name]
+        assert pruned.layers[conv].weight.shape[1] == filters[conv]
+    assert list(pruned.layer_params_by_name("a").bottom) == ["data", "a_2c"]  # the shortcut reads all channels
+    assert list(pruned.layer_params_by_name("b").bottom) == ["a_out", "b_2c"]
+    # Branch2a's MACs shrink with its input; the MAC count plans it so.
+    plain = P.count_params_macs(P.prune_net(net, x, widths, points=10)[0])[1]
+    assert macs["lasso"] == P.planned_macs(net, pairs, widths, filters) < plain
+    assert P.planned_macs(net, pairs, widths) == plain
+    print(out)
+    assert out["lasso"] < out["l1"]  # the LASSO choice of input channels, refitted, beats the L1 norms
+
+
+def test_prune_command_with_filter_input_exports_filter_layers(tiny, tmp_path):
+    out = tmp_path / "resnet_tiny_fi"
+    assert _prune_cli(tiny, out, "--speedup", "1.5", "--points-per-image", "8", "--filter-input") == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["filter_input"] and report["speedup"] >= 1.5
+    tv = parse_text((out / "train_val.prototxt").read_text(), caffe_pb2.NetParameter())
+    blocks = ["res2a", "res2b", "res3a", "res4a"]
+    inputs = dict(zip(blocks, ["pool1", "res2a", "res2b", "res3a"]))  # each block's input blob
+    layers = {lp.name: lp for lp in tv.layer}
+    filters = {}
+    for b in blocks:
+        f = layers[f"{inputs[b]}_Filter"]
+        assert (f.type, list(f.bottom), list(f.top)) == ("Filter", [inputs[b]], [f.name])
+        assert (f.param[0].lr_mult, f.param[0].decay_mult) == (0, 0)
+        assert list(layers[f"{b}_branch2a"].bottom) == [f.name]
+        shortcut = layers.get(f"{b}_branch1", layers[b])  # branch1, or the identity into the Eltwise
+        assert inputs[b] in shortcut.bottom  # reads the whole block input
+        filters[f"{b}_branch2a"] = f.filter_param.num_output
+    assert read_widths(out / "deploy.prototxt")[1] == filters
+
+    weights = out / "resnet_tiny_fi_pruned.caffemodel"
+    deployed = load_net(out / "deploy.prototxt", weights=weights)
+    for conv, k in filters.items():
+        name = deployed.layer_params_by_name(conv).bottom[0]
+        assert int(deployed.layers[name].selector.count_nonzero()) == k  # the caffemodel's selector keeps k
+        assert deployed.layers[conv].weight.shape[1] == deployed.blob_shapes[name][1] == k
+    assert P.count_params_macs(deployed) == (report["params_after"], report["macs_after"])
+    # The same pruning in memory gives the same outputs as the files.
+    net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
+    pairs = P.find_pairs(net)
+    x = load_images(net.data_layers[0], tiny / "train_lmdb", tiny / "mean.binaryproto", 24, seed=0)
+    widths = {r["layer"]: r["channels_after"] for r in report["layers"] if "Filter" not in r["layer"]}
+    assert (widths, filters) == P.plan_for_speedup(net, pairs, 1.5, PF.filter_targets(net, pairs))
+    pruned, _ = P.prune_net(net, x, widths, points=8, filters=filters)
+    held = load_images(net.data_layers[0], tiny / "held_lmdb", tiny / "mean.binaryproto", 16, seed=0)
+    with torch.no_grad():
+        want = pruned(held, torch.zeros(16), blobs=["fc10"])["fc10"]
+        got = deployed(held, blobs=["fc10"])["fc10"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for conv in filters:  # the same channels kept
+        name = pruned.layer_params_by_name(conv).bottom[0]
+        torch.testing.assert_close(deployed.layers[name].selector, pruned.layers[name].selector)
+    # At these widths the Filters cut more multiply-adds than the widths alone (so the ratio keeps more).
+    assert report["macs_after"] < P.planned_macs(net, pairs, widths)
+    assert all(w >= v for w, v in zip(widths.values(), P.widths_for_speedup(net, pairs, 1.5).values()))
+    load_net(out / "train_val.prototxt", weights=weights, phase="train")
+
+
+@pytest.mark.slow
+def test_released_widths_with_filter_input_give_the_released_resnet_50(tmp_path):
+    """ResNet-50 (random weights, 2 tiny-sampled images) pruned to the released widths and Filters: 2.60 GMACs."""
+    zoo = REPO / "prototxt_like" / "resnet_50"
+    env = lmdb.open(str(tmp_path / "lmdb"), map_size=1 << 26)
+    rng = np.random.default_rng(0)
+    with env.begin(write=True) as txn:
+        for i in range(2):
+            img = cv2.GaussianBlur((rng.random((224, 224, 3)) * 255).astype(np.uint8), (7, 7), 0)
+            txn.put(b"%08d" % i, encode_datum(img, i))
+    env.close()
+    write_blobproto(np.full((1, 3, 224, 224), 100.0, np.float32), tmp_path / "mean.binaryproto")
+    torch.manual_seed(0)
+    net = load_net(zoo / "train_val.prototxt", phase="test", input_shapes={"data": (1, 3, 224, 224), "label": (1,)})
+    with torch.no_grad():
+        for m in net.layers.values():
+            if isinstance(m, L.Convolution):
+                m.weight.normal_(0, (2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, L.BatchNorm):  # unit statistics (a fresh one has scale_factor 0)
+                m.variance.fill_(1.0)
+                m.scale_factor.fill_(1.0)
+    net.save_caffemodel(tmp_path / "w.caffemodel")
+    out = tmp_path / "resnet_50_2x"
+    args = ["prune", "--model", str(zoo / "train_val.prototxt"), "--weights", str(tmp_path / "w.caffemodel"),
+            "--data", str(tmp_path / "lmdb"), "--mean", str(tmp_path / "mean.binaryproto"), "--widths", "released",
+            "--filter-input", "--images", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "prune_report.json").read_text())
+    assert round(report["macs_before"] / 1e9, 2) == 3.86 and round(report["macs_after"] / 1e9, 2) == 2.60
+    assert report["macs_after"] == report["released"]["macs_with_input_filters"]
+    deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_50_2x_pruned.caffemodel")
+    assert P.count_params_macs(deployed)[1] == report["macs_after"]
+    _, filters = read_widths(out / "train_val.prototxt")
+    assert filters == P.RELEASED_FILTERS
+    for conv, k in filters.items():
+        name = deployed.layer_params_by_name(conv).bottom[0]
+        assert int(deployed.layers[name].selector.count_nonzero()) == k
