@@ -26,6 +26,15 @@ def layer(source, batch=4, *, kind="Data", transform="", extra=""):
     return parse_text(text, caffe_pb2.LayerParameter())
 
 
+def overwrite_record(db, index: int, value: bytes) -> None:
+    """Replace the bytes of record ``index`` (key ``%08d_...``) of the LMDB ``db``: a corrupt record."""
+    env = lmdb.open(str(db))
+    with env.begin(write=True) as txn:
+        key = next(k for k, _ in txn.cursor() if k.startswith(b"%08d_" % index))
+        txn.put(key, value)
+    env.close()
+
+
 def chw(a: np.ndarray) -> np.ndarray:
     return a.transpose(2, 0, 1).astype(np.float32)
 
@@ -208,12 +217,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_corrupt_record_is_skipped_with_a_warning_and_the_batch_fills(tmp_path, caplog):
     db = make_db(tmp_path, [np.full((4, 4, 3), i, np.uint8) for i in range(4)], encoded=True)
-    env = lmdb.open(str(db))
-    with env.begin(write=True) as txn:
-        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000002_"))
-        bad = caffe_pb2.Datum(encoded=True, data=b"\xff\xd8 not really a jpeg", label=2)
-        txn.put(key, bad.SerializeToString())
-    env.close()
+    overwrite_record(
+        db, 2, caffe_pb2.Datum(encoded=True, data=b"\xff\xd8 not really a jpeg", label=2).SerializeToString()
+    )
     with caplog.at_level(logging.WARNING), DataFeed(layer(db, 4), "test", num_workers=0) as feed:
         _, y = feed.next()
     assert y.tolist() == [0, 1, 3, 3]  # record 2 replaced by the next good one
@@ -275,11 +281,7 @@ def test_cuda_feed_equals_cpu_feed(tmp_path):
 
 def test_epoch_pass_leaves_a_corrupt_record_out_instead_of_scoring_a_neighbour_twice(tmp_path, caplog):
     db = make_db(tmp_path, [np.full((4, 4, 3), i, np.uint8) for i in range(5)], encoded=True)
-    env = lmdb.open(str(db))
-    with env.begin(write=True) as txn:
-        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000002_"))
-        txn.put(key, caffe_pb2.Datum(encoded=True, data=b"\xff\xd8 broken", label=2).SerializeToString())
-    env.close()
+    overwrite_record(db, 2, caffe_pb2.Datum(encoded=True, data=b"\xff\xd8 broken", label=2).SerializeToString())
     with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2), "test", num_workers=0) as feed:
         labels = [y.tolist() for _, y in feed.epoch()]
     assert labels == [[0, 1], [3], [4]]
@@ -320,11 +322,7 @@ def test_float_data_datums_are_a_setup_error(tmp_path, caplog):
 
 def test_a_corrupt_first_record_is_still_skipped(tmp_path, caplog):
     db = make_db(tmp_path, [np.full((6, 6, 3), i, np.uint8) for i in range(3)], encoded=True)
-    env = lmdb.open(str(db))
-    with env.begin(write=True) as txn:
-        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000000_"))
-        txn.put(key, caffe_pb2.Datum(encoded=True, data=b"\x89PNG broken", label=0).SerializeToString())
-    env.close()
+    overwrite_record(db, 0, caffe_pb2.Datum(encoded=True, data=b"\x89PNG broken", label=0).SerializeToString())
     with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2, transform="crop_size: 4"), "test", num_workers=0) as f:
         _, y = f.next()
     assert y.tolist() == [1, 1]  # record 0 replaced by the next good one
@@ -333,11 +331,7 @@ def test_a_corrupt_first_record_is_still_skipped(tmp_path, caplog):
 
 def test_record_zero_that_is_not_a_datum_is_skipped_not_a_crash(tmp_path, caplog):
     db = make_db(tmp_path, [np.full((4, 4, 3), i, np.uint8) for i in range(3)])
-    env = lmdb.open(str(db))
-    with env.begin(write=True) as txn:
-        key = next(k for k, _ in txn.cursor() if k.startswith(b"00000000_"))
-        txn.put(key, b"\x0a\xff\xff garbage, not a protobuf")
-    env.close()
+    overwrite_record(db, 0, b"\x0a\xff\xff garbage, not a protobuf")
     with caplog.at_level(logging.WARNING), DataFeed(layer(db, 2), "test", num_workers=0) as feed:
         labels = [y.tolist() for _, y in feed.epoch()]
     assert labels == [[1], [2]]

@@ -27,6 +27,15 @@ layer {{ name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" }}
 """
 
 
+def write_val_lmdb(path, images: np.ndarray, labels: np.ndarray) -> None:
+    """Raw Datum records ``%08d_img<i>.png`` in order."""
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, (img, lab) in enumerate(zip(images, labels)):
+            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
+    env.close()
+
+
 def _setup(tmp_path, mean: str, *, seed: int = 0):
     """A val LMDB of N_IMAGES raw 6x6 BGR images (7 = 3 + 3 + 1: a short last batch), a net and its weights."""
     from resnet_imagenet.net import load_net
@@ -34,11 +43,7 @@ def _setup(tmp_path, mean: str, *, seed: int = 0):
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 3), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, size=N_IMAGES)
-    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
-    env.close()
+    write_val_lmdb(tmp_path / "val_lmdb", images, labels)
     mean_arr = rng.uniform(0, 255, size=(3, SIZE, SIZE)).astype(np.float32)
     write_blobproto(mean_arr[None], tmp_path / "mean.binaryproto")
     model = tmp_path / "train_val.prototxt"
@@ -181,11 +186,7 @@ def _gray_setup(tmp_path, transform: str):
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 1), dtype=np.uint8)
     labels = rng.integers(0, CLASSES, size=N_IMAGES)
-    env = lmdb.open(str(tmp_path / "val_lmdb"), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for i, (img, lab) in enumerate(zip(images, labels)):
-            txn.put(f"{i:08d}_img{i}.png".encode(), encode_datum(img, int(lab)))
-    env.close()
+    write_val_lmdb(tmp_path / "val_lmdb", images, labels)
     model = tmp_path / "train_val.prototxt"
     model.write_text(NET.replace("{mean} scale: 0.5", transform).format(crop=CROP, classes=CLASSES))
     net = load_net(model, phase="test")
