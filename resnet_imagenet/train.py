@@ -11,6 +11,7 @@ The log lines are Caffe's, so tools/extra/parse_log.py reads our logs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -324,6 +325,9 @@ class Trainer:
         for feed, _ in self.feeds + [f for feeds in self.test_feeds for f in feeds]:
             feed.close()
         if not self.opts.check:
+            # Drop DDP (its reducer holds the process group) before the group goes, not at interpreter exit
+            self.model = None
+            gc.collect()
             D.close_procs(self.procs, clean)
 
 
