@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synth import make_jpegs  # noqa: E402
 
-from resnet_imagenet.imageset import ConvertOptions, convert_imageset, default_jobs  # noqa: E402
+from resnet_imagenet.data.convert import ConvertOptions, convert_imageset, default_jobs  # noqa: E402
 
 
 def build(src: Path, db: Path, opts: ConvertOptions, jobs: int) -> tuple[float, float]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from resnet_imagenet.net import load_net
+from resnet_imagenet.net.net import load_net
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_VAL = REPO / "prototxt_like" / "resnet_50" / "train_val.prototxt"

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from _synth import make_jpegs  # noqa: E402
 
-from resnet_imagenet.data import DataFeed  # noqa: E402
-from resnet_imagenet.imageset import ConvertOptions, convert_imageset  # noqa: E402
+from resnet_imagenet.data.convert import ConvertOptions, convert_imageset  # noqa: E402
+from resnet_imagenet.data.feed import DataFeed  # noqa: E402
 from resnet_imagenet.proto import caffe_pb2  # noqa: E402
-from resnet_imagenet.prototxt import parse_text  # noqa: E402
+from resnet_imagenet.proto.text import parse_text  # noqa: E402
 
 
 def rate(batches, n_batches: int, batch: int) -> float:

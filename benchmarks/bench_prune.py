@@ -29,10 +29,11 @@ import lmdb
 import numpy as np
 import torch
 
-from resnet_imagenet import prune as P
-from resnet_imagenet.datum import encode_datum, write_blobproto
-from resnet_imagenet.net import load_net
-from resnet_imagenet.prototxt import read_net
+from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.net.net import load_net
+from resnet_imagenet.proto.blob import write_blobproto
+from resnet_imagenet.proto.text import read_net
+from resnet_imagenet.prune import core as P
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "prototxt_like" / "resnet_50"

@@ -28,8 +28,8 @@ import lmdb  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from resnet_imagenet.datum import encode_datum  # noqa: E402
-from resnet_imagenet.prototxt import read_net, read_solver, write_prototxt  # noqa: E402
+from resnet_imagenet.data.datum import encode_datum  # noqa: E402
+from resnet_imagenet.proto.text import read_net, read_solver, write_prototxt  # noqa: E402
 
 
 def make_lmdb(path: Path, n: int, size: int, classes: int) -> None:

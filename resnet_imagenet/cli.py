@@ -8,44 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-import time
+
+from resnet_imagenet.util.glog import error_line, setup_logging
 
 log = logging.getLogger("resnet_imagenet")
-
-
-class CaffeFormatter(logging.Formatter):
-    """glog's line prefix, as Caffe prints it: ``I0111 18:29:31.675417 31329 solver.cpp:228] msg``.
-
-    Caffe's tools/extra/parse_log.py reads the time from this prefix, so our logs keep it.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        t = time.localtime(record.created)
-        micros = int((record.created % 1) * 1e6)
-        prefix = (
-            f"{record.levelname[0]}{time.strftime('%m%d %H:%M:%S', t)}.{micros:06d} "
-            f"{record.process} {record.filename}:{record.lineno}]"
-        )
-        msg = record.getMessage()
-        if record.exc_info:
-            msg += "\n" + self.formatException(record.exc_info)
-        return f"{prefix} {msg}"
-
-
-def error_line(text: str) -> None:
-    """One ``resnet-imagenet CMD: error: ...`` line in a single write, so lines from several processes
-    sharing stderr (torchrun's ranks) never run together (print writes the newline separately)."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(CaffeFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 # --- networks: summary, time -------------------------------------------------------------------
@@ -68,14 +34,14 @@ def _add_net_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from resnet_imagenet.profile import print_summary
+    from resnet_imagenet.net.profile import print_summary
 
     print_summary(args.model, phase=args.phase, batch=args.batch)
     return 0
 
 
 def _cmd_time(args: argparse.Namespace) -> int:
-    from resnet_imagenet.profile import time_net
+    from resnet_imagenet.net.profile import time_net
 
     time_net(args.model, iterations=args.iterations, gpu=args.gpu, phase=args.phase, batch=args.batch)
     return 0
@@ -104,7 +70,7 @@ def _add_convert_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _convert_options(args: argparse.Namespace):
-    from resnet_imagenet.imageset import ConvertOptions
+    from resnet_imagenet.data.convert import ConvertOptions
 
     if bool(args.resize_height) != bool(args.resize_width):
         raise ValueError("give both --resize_height and --resize_width (or --min_dim)")
@@ -153,7 +119,7 @@ def _add_data_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert_imageset(args: argparse.Namespace) -> int:
-    from resnet_imagenet.imageset import convert_imageset
+    from resnet_imagenet.data.convert import convert_imageset
 
     if len(args.paths) not in (2, 3):
         raise ValueError("usage: convert_imageset [flags] ROOT/ [LISTFILE] DB")
@@ -167,7 +133,7 @@ def _cmd_convert_imageset(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_imagenet(args: argparse.Namespace) -> int:
-    from resnet_imagenet.imagenet import convert_imagenet
+    from resnet_imagenet.data.imagenet import convert_imagenet
 
     res = convert_imagenet(
         args.out, train_tar=args.train_tar, val_tar=args.val_tar, val_labels=args.val_labels,
@@ -180,7 +146,7 @@ def _cmd_convert_imagenet(args: argparse.Namespace) -> int:
 
 
 def _cmd_valprep(args: argparse.Namespace) -> int:
-    from resnet_imagenet.imagenet import valprep
+    from resnet_imagenet.data.imagenet import valprep
 
     moved, left = valprep(args.val_dir, args.val_labels, synsets=args.synsets, devkit_meta=args.devkit_meta)
     print(f"{args.val_dir}: moved {moved} images into synset folders; {len(left)} without a label left in place")
@@ -188,7 +154,7 @@ def _cmd_valprep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compute_image_mean(args: argparse.Namespace) -> int:
-    from resnet_imagenet.mean import compute_image_mean
+    from resnet_imagenet.data.mean import compute_image_mean
 
     compute_image_mean(args.db, args.out, crop=args.crop, legacy=args.legacy, progress=args.progress)
     return 0
@@ -225,8 +191,8 @@ def _add_train_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from resnet_imagenet.snapshot import SnapshotError
-    from resnet_imagenet.train import TrainingDiverged, TrainOptions, train
+    from resnet_imagenet.train.snapshot import SnapshotError
+    from resnet_imagenet.train.trainer import TrainingDiverged, TrainOptions, train
 
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; the others only warn
@@ -283,7 +249,7 @@ def _add_prune_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from resnet_imagenet.prune_export import format_report, run
+    from resnet_imagenet.prune.export import format_report, run
 
     report = run(
         args.model, args.weights, args.data, args.out, speedup=args.speedup, widths=args.widths, mean=args.mean,
@@ -351,7 +317,7 @@ def _add_use_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_parse_log(args: argparse.Namespace) -> int:
-    from resnet_imagenet.logs import write_csvs
+    from resnet_imagenet.tools.logs import write_csvs
 
     train_csv, test_csv, parsed = write_csvs(args.log, args.outdir)
     print(f"{train_csv}: {len(parsed.train)} rows")
@@ -360,7 +326,7 @@ def _cmd_parse_log(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot_log(args: argparse.Namespace) -> int:
-    from resnet_imagenet.logs import plot_log
+    from resnet_imagenet.tools.logs import plot_log
 
     print(plot_log(args.log, args.output, smooth=args.smooth))
     return 0
@@ -369,7 +335,7 @@ def _cmd_plot_log(args: argparse.Namespace) -> int:
 def _cmd_test(args: argparse.Namespace) -> int:
     import os
 
-    from resnet_imagenet.evaluate import evaluate
+    from resnet_imagenet.tools.test import evaluate
 
     def on_batch(i: int, m: dict) -> None:
         log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
@@ -385,7 +351,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from resnet_imagenet.classify import Classifier, format_prediction
+    from resnet_imagenet.tools.classify import Classifier, format_prediction
 
     clf = Classifier(args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu,
                      scale=args.scale)  # fmt: skip
@@ -402,7 +368,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from resnet_imagenet.demo import DemoConfig, run_demo
+    from resnet_imagenet.tools.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=Path(args.out), max_iter=args.max_iter, train_per_class=args.train_per_class,
                      val_per_class=args.val_per_class)  # fmt: skip
@@ -415,7 +381,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from resnet_imagenet.demo_data import write_demo_dataset
+    from resnet_imagenet.tools.demo_data import write_demo_dataset
 
     m = write_demo_dataset(
         args.outdir,

@@ -7,7 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from resnet_imagenet.imageset import ConvertOptions, convert_imageset
+from resnet_imagenet.data.convert import ConvertOptions, convert_imageset
 
 
 def smooth_image(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from resnet_imagenet import cli
-from resnet_imagenet.classify import Classifier, load_labels, parse_mean
-from resnet_imagenet.datum import write_blobproto
+from resnet_imagenet.proto.blob import write_blobproto
+from resnet_imagenet.tools.classify import Classifier, load_labels, parse_mean
 
 DEPLOY = """
 name: "colours"
@@ -22,7 +22,7 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 @pytest.fixture()
 def colour_net(tmp_path):
     """A deploy net whose class c scores the mean of BGR channel c over the 8x8 crop / 40: blue, green, red."""
-    from resnet_imagenet.net import load_net
+    from resnet_imagenet.net.net import load_net
 
     model = tmp_path / "deploy.prototxt"
     model.write_text(DEPLOY)
@@ -58,7 +58,7 @@ def test_load_labels(tmp_path) -> None:
 
 
 def test_shipped_synset_words_format() -> None:
-    from resnet_imagenet.classify import default_labels_path
+    from resnet_imagenet.tools.classify import default_labels_path
 
     lines = default_labels_path().read_text().splitlines()
     wnids = [line.split()[0] for line in lines]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from _images import make_db, smooth_image, write_images
 
-from resnet_imagenet.data import DataFeed
-from resnet_imagenet.datum import read_blobproto, write_blobproto
+from resnet_imagenet.data.feed import DataFeed
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import parse_text
+from resnet_imagenet.proto.blob import read_blobproto, write_blobproto
+from resnet_imagenet.proto.text import parse_text
 
 
 def layer(source, batch=4, *, kind="Data", transform="", extra=""):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from resnet_imagenet.demo import MARKER, DemoConfig, run_demo
+from resnet_imagenet.tools.demo import MARKER, DemoConfig, run_demo
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.demo_data import CLASSES, _shape_mask, write_demo_dataset
+from resnet_imagenet.tools.demo_data import CLASSES, _shape_mask, write_demo_dataset
 
 
 def _tree(root):

@@ -11,8 +11,10 @@ import torch
 import torch.multiprocessing as mp
 
 from resnet_imagenet import cli
-from resnet_imagenet.datum import encode_datum, write_blobproto
-from resnet_imagenet.evaluate import crop_offsets_10, evaluate
+from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.data.transform import crop_offsets_10
+from resnet_imagenet.proto.blob import write_blobproto
+from resnet_imagenet.tools.test import evaluate
 
 N_IMAGES, SIZE, CROP, CLASSES = 7, 6, 4, 6
 
@@ -38,7 +40,7 @@ def write_val_lmdb(path, images: np.ndarray, labels: np.ndarray) -> None:
 
 def _setup(tmp_path, mean: str, *, seed: int = 0):
     """A val LMDB of N_IMAGES raw 6x6 BGR images (7 = 3 + 3 + 1: a short last batch), a net and its weights."""
-    from resnet_imagenet.net import load_net
+    from resnet_imagenet.net.net import load_net
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 3), dtype=np.uint8)
@@ -181,7 +183,7 @@ def test_ten_crop_images_of_different_sizes(tmp_path) -> None:
 
 def _gray_setup(tmp_path, transform: str):
     """A val LMDB of N_IMAGES raw 1-channel images and a net reading them."""
-    from resnet_imagenet.net import load_net
+    from resnet_imagenet.net.net import load_net
 
     rng = np.random.default_rng(5)
     images = rng.integers(0, 256, size=(N_IMAGES, SIZE, SIZE, 1), dtype=np.uint8)
@@ -222,7 +224,7 @@ def test_mean_file_and_mean_value_together_is_an_error(tmp_path, ten) -> None:
 
 def test_ten_crop_centre_is_the_loader_centre() -> None:
     # caffe: data_transformer.cpp -- (H - crop) / 2 rounds down; odd margins put the extra row/column last
-    from resnet_imagenet import transform as T
+    from resnet_imagenet.data import transform as T
 
     for h, w in [(6, 6), (7, 6), (6, 9), (8, 7)]:
         want = ((h - CROP) // 2, (w - CROP) // 2)

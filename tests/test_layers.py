@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_imagenet import layers as L
-from resnet_imagenet.net import CaffeNet
+from resnet_imagenet.net import layers as L
+from resnet_imagenet.net.net import CaffeNet
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import PrototxtError, parse_text
+from resnet_imagenet.proto.text import PrototxtError, parse_text
 
 
 def layer(text: str) -> caffe_pb2.LayerParameter:

@@ -11,8 +11,8 @@ import pytest
 from _images import make_db
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.datum import read_blobproto, write_blobproto
-from resnet_imagenet.mean import compute_image_mean
+from resnet_imagenet.data.mean import compute_image_mean
+from resnet_imagenet.proto.blob import read_blobproto, write_blobproto
 
 
 def test_mean_is_exact_bgr_chw(tmp_path, capfd):
@@ -49,12 +49,12 @@ def test_sizes_differ_needs_crop(tmp_path):
 
 def test_mean_module_does_not_import_torch():
     # compute_image_mean reads LMDBs through lmdbio, not through the torch loader
-    code = "import sys, resnet_imagenet.mean; assert not {'torch', 'resnet_imagenet.data'} & set(sys.modules)"
+    code = "import sys, resnet_imagenet.data.mean; assert not {'torch', 'resnet_imagenet.data.feed'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_load_mean_file_values_and_checks(tmp_path):
-    from resnet_imagenet.mean import load_mean
+    from resnet_imagenet.data.mean import load_mean
     from resnet_imagenet.proto import caffe_pb2
 
     m = np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)
@@ -95,7 +95,7 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def test_corrupt_record_names_its_key(tmp_path):
-    from resnet_imagenet.datum import encode_datum
+    from resnet_imagenet.data.datum import encode_datum
 
     good = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
     db = _raw_db(tmp_path / "db", [good, encode_datum(b"not an image", 1, encoded=True)])
@@ -104,7 +104,7 @@ def test_corrupt_record_names_its_key(tmp_path):
 
 
 def test_gray_and_colour_records_are_reported_as_differing_channels(tmp_path):
-    from resnet_imagenet.datum import encode_datum
+    from resnet_imagenet.data.datum import encode_datum
 
     colour = encode_datum(_png(np.zeros((4, 4, 3), np.uint8)), 0, encoded=True)
     gray = encode_datum(_png(np.zeros((4, 4), np.uint8)), 1, encoded=True)

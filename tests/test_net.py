@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_imagenet.datum import array_to_blob
-from resnet_imagenet.net import CaffeNet, load_net
+from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import PrototxtError, parse_text, read_net
+from resnet_imagenet.proto.blob import array_to_blob
+from resnet_imagenet.proto.text import PrototxtError, parse_text, read_net
 
 SMALL = """
 name: "small"
@@ -132,7 +132,7 @@ def test_legacy_input_fields_and_bad_bottoms():
 
 
 def read_net_text(text: str) -> caffe_pb2.NetParameter:
-    from resnet_imagenet.prototxt import upgrade_net
+    from resnet_imagenet.proto.text import upgrade_net
 
     net = parse_text(text, caffe_pb2.NetParameter())
     upgrade_net(net)

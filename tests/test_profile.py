@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resnet_imagenet import cli
-from resnet_imagenet.profile import summarize, time_net
+from resnet_imagenet.net.profile import summarize, time_net
 
 ZOO = Path(__file__).resolve().parents[1] / "prototxt_like"
 

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_imagenet import layers as L
-from resnet_imagenet import prune as P
-from resnet_imagenet import prune_filter as PF
-from resnet_imagenet import prune_select as S
 from resnet_imagenet.cli import main
-from resnet_imagenet.datum import encode_datum, write_blobproto
-from resnet_imagenet.net import load_net
+from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.net import layers as L
+from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import parse_text, to_text
-from resnet_imagenet.prune_export import load_images, read_widths
+from resnet_imagenet.proto.blob import write_blobproto
+from resnet_imagenet.proto.text import parse_text, to_text
+from resnet_imagenet.prune import core as P
+from resnet_imagenet.prune import filter as PF
+from resnet_imagenet.prune import fit as S
+from resnet_imagenet.prune.export import load_images, read_widths
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "prototxt_like" / "resnet_tiny" / "train_val.prototxt"
@@ -335,7 +336,7 @@ def test_shortcut_fix_lowers_the_block_output_error(two_blocks):
 
 def test_error_is_measured_on_held_out_points_and_few_points_warn(two_blocks, caplog):
     net, x, _ = two_blocks
-    with caplog.at_level("WARNING", logger="resnet_imagenet.prune"):
+    with caplog.at_level("WARNING", logger="resnet_imagenet.prune.core"):
         _, reports = P.prune_net(net, x[:16], {"a_2a": 3, "a_2b": 3}, points=4)
     assert [(r.fit_points, r.columns) for r in reports] == [(52, 27), (52, 3)]  # 64 points, 12 held out
     warned = [r.getMessage() for r in caplog.records]

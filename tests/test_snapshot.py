@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from resnet_imagenet.net import load_net
+from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import parse_text
-from resnet_imagenet.snapshot import load_solverstate, resolve_snapshot_prefix, save_snapshot
+from resnet_imagenet.proto.text import parse_text
+from resnet_imagenet.train.snapshot import load_solverstate, resolve_snapshot_prefix, save_snapshot
 
 NET = """name: "n" layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 2 } } }
 layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 3 } }"""
@@ -65,10 +65,10 @@ def test_resume_with_another_process_count_goes_on_from_the_global_position(tmp_
     import lmdb
     import numpy as np
 
-    from resnet_imagenet.data import DataFeed
-    from resnet_imagenet.datum import encode_datum
-    from resnet_imagenet.prototxt import TRAIN
-    from resnet_imagenet.snapshot import restore, rng_state
+    from resnet_imagenet.data.datum import encode_datum
+    from resnet_imagenet.data.feed import DataFeed
+    from resnet_imagenet.proto.text import TRAIN
+    from resnet_imagenet.train.snapshot import restore, rng_state
 
     env = lmdb.open(str(tmp_path / "db"), map_size=1 << 22)
     with env.begin(write=True) as txn:

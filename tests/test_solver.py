@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import parse_text
-from resnet_imagenet.solver import CaffeSolver, Learnable, learning_rate, multistep_count
+from resnet_imagenet.proto.text import parse_text
+from resnet_imagenet.solver.solver import CaffeSolver, Learnable, learning_rate, multistep_count
 
 
 def solver(text: str) -> caffe_pb2.SolverParameter:

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from resnet_imagenet.cli import main as cli_main
-from resnet_imagenet.datum import encode_datum
-from resnet_imagenet.net import load_net
-from resnet_imagenet.train import TrainOptions, train
+from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.net.net import load_net
+from resnet_imagenet.train.trainer import TrainOptions, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -324,8 +324,8 @@ def test_final_test_scores_the_saved_snapshot(project, caplog):
     final = [ln for ln in lines if re.match(r"\s+Test net output #0: loss", ln)][-1]
     logged = float(re.search(r"loss = (\S+)", final).group(1))
     net = load_net("net.prototxt", weights="snap/tiny_iter_8.caffemodel", phase="test")
-    from resnet_imagenet.data import DataFeed
-    from resnet_imagenet.prototxt import TEST
+    from resnet_imagenet.data.feed import DataFeed
+    from resnet_imagenet.proto.text import TEST
 
     feed = DataFeed(net.data_layers[0], TEST, num_workers=0)
     for _ in range(4):  # the passes at iterations 0 and 4 (test_initialization, test_interval 4) came first

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from resnet_imagenet import zoo
+from resnet_imagenet.net import zoo
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.prototxt import DATA_LAYER_TYPES, TEST, TRAIN, filter_net, parse_text, read_net, read_solver
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, TEST, TRAIN, filter_net, parse_text, read_net, read_solver
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "prototxt_like"
@@ -44,7 +44,7 @@ def test_checked_in_files_parse_and_equal_the_generator(key: str, tmp_path: Path
     assert names == sorted(["train_val.prototxt", "deploy.prototxt", f"{key}_solver.prototxt"])
     for name in names:
         assert (ZOO / key / name).read_bytes() == (tmp_path / key / name).read_bytes(), (
-            f"prototxt_like/{key}/{name} differs from the generator: run python -m resnet_imagenet.zoo"
+            f"prototxt_like/{key}/{name} differs from the generator: run python -m resnet_imagenet.net.zoo"
         )
     train_val = read_net(ZOO / key / "train_val.prototxt")
     deploy = read_net(ZOO / key / "deploy.prototxt")

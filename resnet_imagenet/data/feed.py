@@ -1,0 +1,317 @@
+"""The loader: Caffe Data / ImageData layers as a deterministic, resumable, sharded torch pipeline.
+
+Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
+resize, crop and mirror into uint8 NCHW batches; the main process copies them to the device
+(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale.
+
+Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
+permutation drawn from (seed, epoch) (TRAIN; Caffe reads LMDBs in key order, we shuffle), and rank r
+of W takes positions r, r+W, r+2W, ... of it (disjoint, every image once across ranks). Batches
+follow the stream across epoch boundaries, as Caffe's DataLayer cycles, so every batch is full.
+A sample's crop and mirror come from (seed, epoch, record index): resume == uninterrupted, for any
+number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resnet_imagenet.data import transform as T
+from resnet_imagenet.data.mean import load_mean
+from resnet_imagenet.data.records import SKIPPED, Records, Unsupported
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import TRAIN, parse_phase
+
+log = logging.getLogger(__name__)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item (stream position, count) -> a uint8 batch; runs in the DataLoader workers."""
+
+    def __init__(self, recs: Records, cfg: dict):
+        self.recs, self.cfg = recs, cfg
+        self._perm: dict[int, np.ndarray] = {}
+
+    def share_size(self, stream: bool = False) -> int:
+        """Images of one epoch for this rank. epoch() passes take every image once (shares differ by
+        one when W does not divide n); the endless stream gives every rank n // W, so ranks cross
+        epoch boundaries together and stay disjoint (the shuffle leaves out other images each epoch)."""
+        n, w = self.recs.n, self.cfg["world_size"]
+        if stream and n >= w:
+            return n // w
+        return len(range(self.cfg["rank"], n, w))
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm:
+            n = self.recs.n
+            perm = np.random.default_rng([self.cfg["seed"], epoch]).permutation(n) if self.cfg["shuffle"] else None
+            self._perm = {epoch: np.arange(n) if perm is None else perm}  # keep one epoch
+        return self._perm[epoch]
+
+    def index(self, pos: int, stream: bool) -> tuple[int, int]:
+        s = self.share_size(stream)
+        epoch, i = divmod(pos, s)
+        return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
+
+    def image(self, idx: int) -> tuple[np.ndarray, int]:
+        """Record ``idx`` decoded (and resized to new_dim): the image the crop is taken from."""
+        img, label = self.recs.load(idx, self.cfg["channels"])
+        if self.cfg["new_dim"]:
+            img = T.resize_shorter(img, self.cfg["new_dim"], bicubic=self.cfg["bicubic"])
+        return img, label
+
+    def sample(self, epoch: int, idx: int) -> tuple[np.ndarray, int, tuple[int, int, int, int, int]]:
+        c = self.cfg
+        rng = np.random.default_rng([c["seed"], epoch, idx, 1])
+        img, label = self.image(idx)
+        h, w = img.shape[:2]
+        if c["rrc"]:
+            out = T.random_resized_crop(img, c["crop"], rng)
+            ho = wo = 0
+        else:
+            ho, wo = T.crop_offsets(h, w, c["crop"], c["train"], rng)
+            ch, cw = (c["crop"], c["crop"]) if c["crop"] else (h, w)
+            out = img[ho : ho + ch, wo : wo + cw]
+        # caffe: data_transformer.cpp -- mirror = param.mirror() && Rand(2), in any phase
+        flip = bool(c["mirror"] and rng.integers(0, 2))
+        if flip:
+            out = out[:, ::-1]
+        return out, label, (ho, wo, int(flip), h, w)
+
+    def __getitem__(self, item: tuple[int, int, bool]) -> dict[str, torch.Tensor]:
+        pos, count, stream = item
+        images, labels, geo = [], [], []
+        for p in range(pos, pos + count):
+            epoch, idx = self.index(p, stream)
+            # A bad record is skipped with a warning. The endless stream replaces it by the next good
+            # one so the batch fills; an epoch() pass (testing) leaves it out, so no image counts twice.
+            for attempt in range(min(self.recs.n, 64) if stream else 1):
+                j = (idx + attempt) % self.recs.n
+                try:
+                    img, label, g = self.sample(epoch, j)
+                    break
+                except SKIPPED as e:  # corrupt: skip, never fatal
+                    log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
+            else:
+                if not stream:
+                    continue
+                raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
+            chw = img.transpose(2, 0, 1)  # raw records are CHW already: a view, copied once below
+            if images and chw.shape != images[0].shape:
+                raise ValueError(f"{self.recs.source}: images of sizes {chw.shape} and {images[0].shape} in one "
+                                 "batch; set crop_size")  # fmt: skip
+            images.append(chw)
+            labels.append(label)
+            geo.append(g)
+        out = np.stack(images) if images else np.empty((0, 0, 0, 0), np.uint8)
+        if torch.utils.data.get_worker_info() is None:
+            # In the main process, hold no environment between batches: workers forked later could
+            # not open the same LMDB (lmdb refuses a second open of one file in a process).
+            self.recs.close()
+        return {
+            "data": torch.from_numpy(out),  # N,C,H,W uint8
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "geo": torch.tensor(geo, dtype=torch.int64),  # h_off, w_off, flip, src_h, src_w
+        }
+
+
+class _Positions(torch.utils.data.Sampler):
+    def __init__(self, start: int, batch: int, stop: int | None = None):
+        self.start, self.batch, self.stop = start, batch, stop
+
+    def __iter__(self) -> Iterator[tuple[int, int, bool]]:
+        p = self.start
+        while self.stop is None or p < self.stop:
+            n = self.batch if self.stop is None else min(self.batch, self.stop - p)
+            yield (p, n, self.stop is None)  # (position, count, endless stream?)
+            p += n
+
+
+class DataFeed:
+    """Batches for one Data / ImageData layer: ``data, label = feed.next()`` (see module doc)."""
+
+    def __init__(
+        self,
+        layer_param: caffe_pb2.LayerParameter,
+        phase: int | str,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_workers: int = 2,
+        device: torch.device | str = "cpu",
+        channels_last: bool = False,
+        base_dir: str | os.PathLike | None = None,
+        *,
+        new_dim: int | None = None,
+        random_resized_crop: bool = False,
+        prefetch_factor: int = 4,
+    ):
+        phase = parse_phase(phase)
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        lp, tp = layer_param, layer_param.transform_param
+        if lp.type == "Data":
+            dp = lp.data_param
+            if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
+                raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
+            recs = Records(base / dp.source, is_list=False)
+            batch, shuffle, bicubic, dim = dp.batch_size, phase == TRAIN, False, 0
+        elif lp.type == "ImageData":
+            ip = lp.image_data_param
+            recs = Records(
+                base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=(ip.new_height, ip.new_width)
+            )
+            batch, shuffle, bicubic, dim = ip.batch_size, ip.shuffle, ip.bicubic, ip.new_dim
+        else:
+            raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
+        if batch <= 0:
+            raise ValueError(f"layer '{lp.name}': batch_size must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if world_size > recs.n:
+            raise ValueError(f"{recs.source}: {recs.n} records cannot be shared by {world_size} ranks")
+        rrc = bool(random_resized_crop and phase == TRAIN)
+        if rrc and not tp.crop_size:
+            raise ValueError(f"layer '{lp.name}': random_resized_crop needs crop_size")
+        force_gray = tp.force_gray or (lp.type == "ImageData" and not lp.image_data_param.is_color)
+        channels = T.GRAY if force_gray else T.COLOR if tp.force_color else recs.native_channels()
+        cfg = dict(
+            rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, train=phase == TRAIN, channels=channels,
+            crop=tp.crop_size, mirror=tp.mirror, rrc=rrc, new_dim=new_dim if new_dim is not None else dim,
+            bicubic=bicubic,
+        )  # fmt: skip
+        self.name, self.batch_size, self.seed, self.channels = lp.name, batch, seed, channels
+        self.device = torch.device(device)
+        self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
+        self._ds = _Batches(recs, cfg)
+        self._scale = float(tp.scale)
+        self._mean, self._mean_full = self._load_mean(tp, base, channels, rrc)
+        self._check_first_record()
+        self._pos = 0
+        self._it: Iterator | None = None
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def _load_mean(self, tp, base: Path, channels: int, rrc: bool) -> tuple[torch.Tensor | None, bool]:
+        m = load_mean(tp, channels, base, layer=self.name)
+        if m is None:
+            return None, False
+        if not tp.HasField("mean_file"):
+            return torch.from_numpy(m).to(self.device).view(1, channels, 1, 1), False
+        crop = tp.crop_size
+        # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
+        # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
+        full = not (crop and m.shape[1:] == (crop, crop))
+        if full and rrc:
+            raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
+        return torch.from_numpy(m).to(self.device), full
+
+    def _check_first_record(self) -> None:
+        """Record 0 through decode and crop now, so a setup error (float_data Datums, a crop larger than the
+        images) is one clear error instead of 64 'unreadable record' warnings; a corrupt record 0 is left to
+        the feed, which skips it as any other."""
+        ds = self._ds
+        try:
+            img, _ = ds.image(0)
+        except Unsupported as e:
+            raise ValueError(f"layer '{self.name}': {ds.recs.source}: {e}") from None
+        except SKIPPED:
+            return
+        finally:
+            ds.recs.close()  # workers open their own environments
+        h, w = img.shape[:2]
+        crop = ds.cfg["crop"]
+        if crop and not ds.cfg["rrc"] and (h < crop or w < crop):
+            raise ValueError(f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} "
+                             f"(record 0 is {h}x{w}{' after new_dim' if ds.cfg['new_dim'] else ''})")  # fmt: skip
+
+    # -- positions -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return -(-self._ds.share_size() // self.batch_size)
+
+    def state_dict(self) -> dict:
+        epoch, index = divmod(self._pos, self._ds.share_size(stream=True))
+        return {"epoch": epoch, "index": index, "seed": self.seed, "rank": self._ds.cfg["rank"],
+                "world_size": self._ds.cfg["world_size"], "num_records": self._ds.recs.n}  # fmt: skip
+
+    def load_state_dict(self, d: dict) -> None:
+        if d.get("seed", self.seed) != self.seed:
+            log.warning("data feed '%s': resuming with seed %s, saved with %s", self.name, self.seed, d["seed"])
+        if d.get("num_records", self._ds.recs.n) != self._ds.recs.n:
+            log.warning("data feed '%s': the database changed size since the state was saved", self.name)
+        self._stop()
+        self._pos = int(d["epoch"]) * self._ds.share_size(stream=True) + int(d["index"])
+
+    # -- batches -------------------------------------------------------------------------------
+    def _make_loader(self, sampler: _Positions) -> torch.utils.data.DataLoader:
+        kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        return torch.utils.data.DataLoader(
+            self._ds, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", **kw,
+        )  # fmt: skip
+
+    def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
+        nb = self.device.type == "cuda"
+        if self._mean_full:  # checked on the host copy: on the device .any() would wait for the GPU every batch
+            src = b["geo"][:, 3:]
+            fits = (src == torch.tensor(self._mean.shape[1:])).all(1)
+            if not fits.all():
+                raise ValueError(f"layer '{self.name}': mean_file is {tuple(self._mean.shape[1:])} but an image is "
+                                 f"{tuple(src[int((~fits).nonzero()[0, 0])].tolist())}; use a crop-sized mean or "
+                                 "mean_value")  # fmt: skip
+        x = b["data"].to(self.device, non_blocking=nb).float()
+        label = b["label"].to(self.device, non_blocking=nb)
+        if self._mean is not None:
+            m = self._mean
+            geo = b["geo"].to(self.device, non_blocking=nb)
+            flip = geo[:, 2].bool().view(-1, 1, 1, 1)
+            if self._mean_full:
+                h, w = x.shape[2:]
+                ar_h = torch.arange(h, device=self.device)
+                ar_w = torch.arange(w, device=self.device)
+                rows = geo[:, 0:1] + ar_h  # B,h
+                cols = geo[:, 1:2] + torch.where(flip.view(-1, 1), w - 1 - ar_w, ar_w)  # B,w, mirrored with the crop
+                m = m[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+            elif m.dim() == 3:  # crop-sized mean, mirrored along with the image
+                m = torch.where(flip, m.flip(-1), m)
+            x.sub_(m)
+        if self._scale != 1:
+            x.mul_(self._scale)  # caffe: (pixel - mean) * scale
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, label
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._it is None:
+            self._loader = self._make_loader(_Positions(self._pos, self.batch_size))
+            self._it = iter(self._loader)
+        b = next(self._it)
+        self._pos += len(b["label"])
+        return self._finish(b)
+
+    def epoch(self, epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over this rank's share of ``epoch`` (default: the current one); state unchanged."""
+        s = self._ds.share_size()
+        e = self._pos // self._ds.share_size(stream=True) if epoch is None else epoch
+        for b in self._make_loader(_Positions(e * s, self.batch_size, stop=(e + 1) * s)):
+            if len(b["label"]):  # a batch of only unreadable records has nothing to score
+                yield self._finish(b)
+
+    def _stop(self) -> None:
+        self._it = None
+        self._loader = None
+
+    def close(self) -> None:
+        self._stop()
+        self._ds.recs.close()
+
+    def __enter__(self) -> DataFeed:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

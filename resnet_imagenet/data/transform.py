@@ -1,0 +1,194 @@
+"""Per-image work of Caffe's DataTransformer on uint8 images: decode, resize, crop, mirror.
+
+Runs in loader workers and in convert_imageset's processes. Float work (mean, scale) happens on
+the device in resnet_imagenet.data.feed, so workers pass uint8 crops (4x less to copy than float).
+ten_crops works on tensors through their methods only, so this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import simplejpeg
+
+if TYPE_CHECKING:
+    import torch
+
+cv2.setNumThreads(1)  # one image per process; parallelism comes from processes
+
+COLOR, GRAY = 3, 1
+
+
+def decode_image(buf: bytes, channels: int = COLOR, *, strict: bool = False) -> np.ndarray:
+    """Image file bytes as an HxWxC BGR uint8 array (C = ``channels``: 3 colour or 1 gray).
+
+    JPEGs go through simplejpeg (libjpeg-turbo, bit-identical to cv2.imdecode and faster);
+    anything else (PNG, BMP...) through cv2.imdecode, which reads by content, not by name.
+    ``strict`` rejects truncated JPEGs that OpenCV would fill with gray.
+    Raises ValueError for bytes that are not a readable image.
+    """
+    if not buf:
+        raise ValueError("empty (zero-byte) file")
+    if buf[:2] == b"\xff\xd8":
+        try:
+            img = simplejpeg.decode_jpeg(buf, colorspace="BGR" if channels == COLOR else "GRAY")
+            return img if img.ndim == 3 else img[:, :, None]
+        except (ValueError, RuntimeError) as e:
+            if strict and "Premature end" in str(e):
+                raise ValueError("truncated JPEG (premature end of data)") from None
+            # other libjpeg warnings (extraneous bytes...) are harmless: let OpenCV decode it
+    # EXIF orientation ignored, as simplejpeg (and Caffe's OpenCV 2.4) do: one file, one geometry
+    flag = (cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
+    if img is None or img.size == 0:
+        raise ValueError("not a readable image (truncated, corrupt or not an image)")
+    return img if img.ndim == 3 else img[:, :, None]
+
+
+def native_channels(buf: bytes) -> int:
+    """Channels an image file decodes to natively (caffe: DecodeDatumToCVMatNative): 1 for gray, else 3."""
+    if buf[:2] == b"\xff\xd8":
+        try:
+            return GRAY if simplejpeg.decode_jpeg_header(buf)[2] == "Gray" else COLOR
+        except ValueError:
+            pass
+    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    return GRAY if img is not None and img.ndim == 2 else COLOR
+
+
+def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """Convert a gray image to 3-channel BGR or a BGR image to gray, as needed."""
+    c = img.shape[2]
+    if c == channels:
+        return img
+    if channels == COLOR and c == 1:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if channels == GRAY and c == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)[:, :, None]
+    if channels == COLOR and c == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    raise ValueError(f"cannot convert a {c}-channel image to {channels} channels")
+
+
+def _interp(shrink: bool, bicubic: bool) -> int:
+    if bicubic:
+        return cv2.INTER_CUBIC
+    return cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+
+
+def resize_shorter(img: np.ndarray, dim: int, *, only_shrink: bool = False, bicubic: bool = False) -> np.ndarray:
+    """Resize so the shorter side is ``dim``, keeping the aspect ratio (caffe-pro new_dim).
+
+    ``only_shrink`` leaves smaller images alone (ImageMagick's ``-resize "256^>"``). Shrinking uses
+    area averaging (no aliasing); enlarging is bilinear as Caffe's cv::resize.
+    """
+    h, w = img.shape[:2]
+    short = min(h, w)
+    if dim <= 0 or short == dim or (only_shrink and short <= dim):
+        return img
+    if h <= w:
+        nh, nw = dim, max(1, round(w * dim / h))
+    else:
+        nh, nw = max(1, round(h * dim / w)), dim
+    out = cv2.resize(img, (nw, nh), interpolation=_interp(dim < short, bicubic))
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def resize_exact(img: np.ndarray, height: int, width: int, *, bicubic: bool = False) -> np.ndarray:
+    """Resize to height x width when both are set (caffe: io.cpp ReadImageToCVMat uses cv::resize)."""
+    if height <= 0 or width <= 0 or img.shape[:2] == (height, width):
+        return img
+    out = cv2.resize(img, (width, height), interpolation=cv2.INTER_CUBIC if bicubic else cv2.INTER_LINEAR)
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def centre_offsets(h: int, w: int, crop: int) -> tuple[int, int]:
+    """Top-left corner of the centre crop x crop window: the one centre used by the loader, test and mean.
+
+    caffe: data_transformer.cpp -- TEST phase crops the centre, h_off = (H - crop) / 2.
+    """
+    if h < crop or w < crop:
+        raise ValueError(f"image {h}x{w} is smaller than crop_size {crop}")
+    return (h - crop) // 2, (w - crop) // 2
+
+
+def crop_offsets(h: int, w: int, crop: int, train: bool, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of the crop_size window.
+
+    caffe: data_transformer.cpp -- TRAIN takes Rand(H - crop + 1), TEST crops the centre (H - crop) / 2.
+    """
+    if crop <= 0:
+        return 0, 0
+    centre = centre_offsets(h, w, crop)  # also checks the size
+    if not train:
+        return centre
+    return int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+
+
+def random_resized_box(
+    h: int,
+    w: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random area/aspect box: the modern (Inception/torchvision) crop."""
+    area = h * w
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_r))
+        cw = round(math.sqrt(target * aspect))
+        ch = round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    # Fallback: the largest centred box within the ratio limits.
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        ch, cw = h, round(h * ratio[1])
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    top, left, ch, cw = random_resized_box(img.shape[0], img.shape[1], rng)
+    patch = img[top : top + ch, left : left + cw]
+    out = cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
+    return out if out.ndim == 3 else out[:, :, None]
+
+
+def crop_offsets_10(h: int, w: int, crop: int) -> list[tuple[int, int]]:
+    """(h_off, w_off) of the 4 corner crops and the centre crop (the loader's TEST-phase centre)."""
+    centre = centre_offsets(h, w, crop)  # also checks the size
+    return [(0, 0), (0, w - crop), (h - crop, 0), (h - crop, w - crop), centre]
+
+
+def ten_crops(
+    x: torch.Tensor, crop: int, mean: torch.Tensor | None = None, scale: float = 1.0, *, centre_only: bool = False
+) -> Iterator[torch.Tensor]:
+    """The 10 crops of a raw-pixel batch x (N, C, H, W): 5 crops, then the same 5 mirrored (or the centre only).
+
+    The mean is subtracted at the crop's source pixels (a crop-sized mean as is), then the crop is mirrored and
+    scaled, as Caffe's DataTransformer does: out = (pixel - mean) * scale.
+    """
+    h, w = x.shape[2:]
+    if mean is not None and tuple(mean.shape[1:]) not in ((1, 1), (crop, crop), (h, w)):
+        raise ValueError(f"mean of size {tuple(mean.shape[1:])} fits neither the crop {crop} nor the {h}x{w} images")
+    mean = None if mean is None else mean.to(x.device)
+    offsets = crop_offsets_10(h, w, crop)[4:] if centre_only else crop_offsets_10(h, w, crop)
+    for flip in (False,) if centre_only else (False, True):
+        for ho, wo in offsets:
+            c = x[:, :, ho : ho + crop, wo : wo + crop]
+            if mean is not None:
+                full = mean.dim() == 3 and mean.shape[1:] == (h, w) and (h, w) != (crop, crop)
+                c = c - (mean[:, ho : ho + crop, wo : wo + crop] if full else mean)
+            if flip:
+                c = c.flip(-1)
+            yield c * scale if scale != 1 else c

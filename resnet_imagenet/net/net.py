@@ -1,0 +1,322 @@
+"""CaffeNet: a prototxt net run in torch over named blobs, in prototxt order; caffemodel I/O."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resnet_imagenet.net import layers as L
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.blob import array_to_blob, blob_shape, blob_to_array, is_legacy, read_binary_proto
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, filter_net, parse_phase, read_net
+from resnet_imagenet.util.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
+    """Top shapes of a data layer: Input's shapes; Data/ImageData's (batch, C, crop, crop) and (batch,)."""
+    if layer.type == "Input":
+        shapes = [tuple(s.dim) for s in layer.input_param.shape]
+        if len(shapes) == 1:
+            shapes = shapes * len(layer.top)
+        if len(shapes) != len(layer.top):
+            raise PrototxtError(f"layer '{layer.name}': {len(layer.top)} tops but {len(shapes)} input shapes")
+        return shapes
+    if layer.type == "MemoryData":
+        p = layer.memory_data_param
+        return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)][: len(layer.top)]
+    t = layer.transform_param
+    if layer.type == "Data":
+        batch = layer.data_param.batch_size
+        channels = 1 if t.force_gray else 3
+    else:
+        batch = layer.image_data_param.batch_size
+        channels = 3 if layer.image_data_param.is_color else 1
+    if not t.crop_size:
+        raise PrototxtError(
+            f"layer '{layer.name}': cannot infer the input size without transform_param.crop_size; "
+            "pass input_shapes= to CaffeNet"
+        )
+    return [(batch, channels, t.crop_size, t.crop_size), (batch,)][: len(layer.top)]
+
+
+class CaffeNet(nn.Module):
+    """Runs a (phase-filtered) NetParameter; see resnet_imagenet.load_net for the usual entry point."""
+
+    def __init__(
+        self,
+        net_param: caffe_pb2.NetParameter,
+        phase: int = caffe_pb2.TEST,
+        input_shapes: dict[str, Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = net_param.name
+        self.phase = phase
+        self.layer_params: list[caffe_pb2.LayerParameter] = []
+        self.data_layers: list[caffe_pb2.LayerParameter] = []
+        self.input_names: list[str] = []
+        self.input_shapes: dict[str, tuple[int, ...]] = {}
+        self.layers = nn.ModuleDict()
+        self.loss_weights: dict[str, float] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        available: list[str] = []
+        for lp in net_param.layer:
+            if lp.name in self.layers or any(d.name == lp.name for d in self.data_layers):
+                raise PrototxtError(f"layer '{lp.name}': duplicate layer name")
+            for b in lp.bottom:
+                if b not in shapes:
+                    raise PrototxtError(f"layer '{lp.name}': unknown bottom blob '{b}'")
+            if lp.type in DATA_LAYER_TYPES:
+                given = input_shapes or {}
+                tops = list(lp.top)
+                if all(t in given for t in tops):
+                    top_shapes = [tuple(given[t]) for t in tops]
+                else:
+                    top_shapes = data_layer_shapes(lp)
+                self.data_layers.append(lp)
+                self.input_names.extend(tops)
+            else:
+                module = L.build_layer(lp, [shapes[b] for b in lp.bottom])
+                top_shapes = module.top_shapes()
+                if len(top_shapes) != len(lp.top):
+                    raise PrototxtError(f"layer '{lp.name}' ({lp.type}): needs {len(top_shapes)} tops")
+                self.layers[lp.name] = module
+                self.layer_params.append(lp)
+                self._record_loss(lp)
+            for b in lp.bottom:
+                if b in available:
+                    available.remove(b)
+            for t, s in zip(lp.top, top_shapes):
+                shapes[t] = tuple(s)
+                if lp.type in DATA_LAYER_TYPES:
+                    self.input_shapes[t] = tuple(s)
+                if t not in available:
+                    available.append(t)
+        # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs
+        self.output_names = available
+        self.blob_shapes = shapes
+        self._source_order = [lp.name for lp in net_param.layer]
+        self._lp_index = {lp.name: lp for lp in self.layer_params}
+        self._plan_fusion()
+        self.train(phase == caffe_pb2.TRAIN)
+        self._legacy: set[tuple[str, int]] = set()
+
+    def _record_loss(self, lp: caffe_pb2.LayerParameter) -> None:
+        # caffe: layer.hpp SetLossWeights -- *Loss layers weigh their first top 1 by default
+        weights = list(lp.loss_weight) or ([1.0] if lp.type.endswith("Loss") else [])
+        for top, w in zip(lp.top, weights):
+            if w:
+                self.loss_weights[top] = float(w)
+
+    # Layers whose backward does not need their own output, so a following in-place ReLU is safe.
+    _INPLACE_OK_AFTER = frozenset({"Convolution", "BatchNorm", "Scale", "Eltwise", "InnerProduct", "Pooling", "Concat"})
+
+    def _plan_fusion(self) -> None:
+        """BatchNorm directly followed by a one-bottom Scale on its top runs as one batch_norm call
+        (the affine folded in, as torch's BatchNorm2d does); in-place ReLUs overwrite their input
+        where nothing else has read it yet and the producing layer does not need it for backward."""
+        consumers: dict[str, int] = {}
+        for lp in self.layer_params:
+            for b in lp.bottom:
+                consumers[b] = consumers.get(b, 0) + 1
+        self._fused_scale: dict[str, str] = {}  # BatchNorm layer name -> Scale layer name
+        self._bn_top: dict[str, str] = {}  # BatchNorm layer name -> its top blob
+        for lp, nxt in zip(self.layer_params, self.layer_params[1:]):
+            if lp.type == "BatchNorm" and nxt.type == "Scale" and list(nxt.bottom) == [lp.top[0]]:
+                sc = self.layers[nxt.name]
+                channels = self.blob_shapes[lp.top[0]][1]
+                per_channel = sc.axis == 1 and tuple(sc.weight.shape) == (channels,)
+                if per_channel and (nxt.top[0] == lp.top[0] or consumers.get(lp.top[0], 0) == 1):
+                    self._fused_scale[lp.name] = nxt.name
+                    self._bn_top[lp.name] = lp.top[0]
+        self._fused_tops = {self._lp_index[s].top[0] for s in self._fused_scale.values()}
+        # Each value a blob takes (a "version") has one producer and a list of readers.
+        producer: dict[tuple[str, int], str] = {}
+        readers: dict[tuple[str, int], list[int]] = {}
+        version: dict[str, int] = {}
+        reads: list[list[tuple[str, int]]] = []
+        for k, lp in enumerate(self.layer_params):
+            reads.append([(b, version.get(b, 0)) for b in lp.bottom])
+            for key in reads[-1]:
+                readers.setdefault(key, []).append(k)
+            for t in lp.top:
+                version[t] = version.get(t, 0) + 1
+                producer[(t, version[t])] = lp.type
+
+        def overwritable(key: tuple[str, int], k: int) -> bool:
+            # only layer k reads this value, and its producer does not keep it for backward
+            return readers.get(key) == [k] and producer.get(key) in self._INPLACE_OK_AFTER
+
+        # Eltwise SUM layers that may add into one of their bottoms (torchvision's `out += identity`):
+        # layer name -> index of that bottom. Saves a large allocation per residual block.
+        self._inplace_sum: dict[str, int] = {}
+        for k, lp in enumerate(self.layer_params):
+            module = self.layers[lp.name]
+            if lp.type == "ReLU" and list(lp.top) == list(lp.bottom):
+                key = reads[k][0]
+                if readers.get(key, [])[:1] == [k] and producer.get(key) in self._INPLACE_OK_AFTER:
+                    module.inplace = True  # nothing read the value before; later readers want it rectified
+            elif (
+                lp.type == "Eltwise"
+                and module.op == caffe_pb2.EltwiseParameter.SUM
+                and len(set(lp.bottom)) == len(lp.bottom)
+            ):
+                for i, key in enumerate(reads[k]):
+                    if module.coeff[i] == 1.0 and overwritable(key, k):
+                        self._inplace_sum[lp.name] = module.inplace_index = i
+                        break
+
+    def forward(self, *args: torch.Tensor, blobs: Sequence[str] | None = None, **inputs: torch.Tensor):
+        """Run the net. Positional tensors fill ``input_names`` in order; keywords name inputs.
+
+        Returns the output blobs (those no layer consumes), or the blobs named in ``blobs``.
+        """
+        if len(args) > len(self.input_names):
+            raise TypeError(f"net has {len(self.input_names)} inputs {self.input_names}, got {len(args)} tensors")
+        values: dict[str, torch.Tensor] = dict(zip(self.input_names, args))
+        for k, v in inputs.items():
+            if k not in self.input_names:
+                raise TypeError(f"unknown input '{k}' (inputs: {self.input_names})")
+            values[k] = v
+        want = set(blobs or ())
+        unknown = want - set(self.blob_shapes)
+        if unknown:
+            raise KeyError(f"unknown blob(s) {sorted(unknown)}")
+        # A request for a BatchNorm's own output (not in-place under its Scale) runs that pair unfused.
+        unfuse = {bn for bn, top in self._bn_top.items() if top in want and top not in self._fused_tops}
+        skip = {sc for bn, sc in self._fused_scale.items() if bn not in unfuse}
+        for lp in self.layer_params:
+            if lp.name in skip:
+                continue
+            module = self.layers[lp.name]
+            try:
+                bottoms = [values[b] for b in lp.bottom]
+            except KeyError as e:
+                raise RuntimeError(
+                    f"layer '{lp.name}': input blob {e} was not given (inputs: {self.input_names})"
+                ) from None
+            scale_name = self._fused_scale.get(lp.name)
+            if scale_name is not None and lp.name not in unfuse:
+                sc = self.layers[scale_name]
+                out = module(bottoms[0], sc.weight, sc.bias)
+                values[self._lp_index[scale_name].top[0]] = out
+                continue
+            i = self._inplace_sum.get(lp.name)
+            if i is not None:  # through __call__, so hooks (time, pruning's sampling) still see it
+                out = module(*bottoms, inplace=lp.bottom[i] not in want)
+            else:
+                out = module(*bottoms)
+            tops = out if isinstance(out, tuple) else (out,)
+            for name, t in zip(lp.top, tops):
+                values[name] = t
+        if blobs is not None:
+            return {b: values[b] for b in blobs}
+        return {b: values[b] for b in self.output_names if b in values}
+
+    def layer_params_by_name(self, name: str) -> caffe_pb2.LayerParameter:
+        """The LayerParameter of the (non-data) layer ``name``."""
+        return self._lp_index[name]
+
+    def learnable(self) -> list[tuple[str, int, nn.Parameter, float, float]]:
+        """(layer, blob index, parameter, lr_mult, decay_mult) for every learnable blob."""
+        out = []
+        for lp in self.layer_params:
+            module = self.layers[lp.name]
+            present = [getattr(module, a) for a in module.blob_names if getattr(module, a, None) is not None]
+            for i, p in enumerate(present):  # caffe: blobs_ holds only the blobs the layer has
+                if isinstance(p, nn.Parameter):
+                    spec = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
+                    out.append((lp.name, i, p, spec.lr_mult, spec.decay_mult))
+        return out
+
+    # --- caffemodel I/O ---------------------------------------------------------------------
+
+    def to_proto(self, with_blobs: bool = True) -> caffe_pb2.NetParameter:
+        """The net as a NetParameter (what Caffe's Net::ToProto writes), blobs included."""
+        net = caffe_pb2.NetParameter(name=self.name)
+        net.state.phase = self.phase
+        params = {lp.name: lp for lp in self.data_layers + self.layer_params}
+        for name in self._source_order:
+            out = net.layer.add()
+            out.CopyFrom(params[name])
+            out.ClearField("blobs")
+            if with_blobs and name in self.layers:
+                for i, t in enumerate(self.layers[name].blobs()):
+                    legacy = (name, i) in self._legacy
+                    out.blobs.append(array_to_blob(t.detach().float().cpu().numpy(), legacy=legacy))
+        return net
+
+    def save_caffemodel(self, path: str | os.PathLike) -> None:
+        """Write Caffe's binary NetParameter with blobs (through a temporary file)."""
+        atomic_write_bytes(path, self.to_proto(with_blobs=True).SerializeToString())
+
+    def load_caffemodel(self, path: str | os.PathLike) -> None:
+        """Copy weights by layer name from a .caffemodel (or several, comma-separated)."""
+        for one in str(path).split(","):
+            p = Path(one)
+            src = read_binary_proto(p, caffe_pb2.NetParameter(), "caffemodel (binary NetParameter)")
+            try:
+                self.copy_from(src)
+            except ValueError as e:
+                raise ValueError(f"{p}: {e}") from None
+
+    def copy_from(self, src: caffe_pb2.NetParameter) -> None:
+        """caffe: Net::CopyTrainedLayersFrom -- layers matched by name; unknown source layers ignored."""
+        if not any(lp.blobs for lp in src.layer):
+            raise ValueError("no layer carries weights (V1 'layers' caffemodels are not supported)")
+        modules = dict(self.layers.items())
+        for lp in src.layer:
+            if not lp.blobs:
+                continue
+            if lp.name not in modules:
+                log.info("Ignoring source layer %s", lp.name)
+                continue
+            targets = modules[lp.name].blobs()
+            if len(lp.blobs) != len(targets):
+                raise ValueError(
+                    f"layer '{lp.name}': weights file has {len(lp.blobs)} blobs, the net has {len(targets)}"
+                )
+            for i, (blob, t) in enumerate(zip(lp.blobs, targets)):
+                src_shape = blob_shape(blob)
+                want = tuple(t.shape)
+                legacy = is_legacy(blob)
+                same = src_shape == want or (legacy and src_shape == (1,) * (4 - len(want)) + want)
+                if not same:
+                    raise ValueError(
+                        f"layer '{lp.name}' blob {i}: shape mismatch: weights file has {src_shape}, net has {want}"
+                    )
+                with torch.no_grad():
+                    t.copy_(torch.from_numpy(blob_to_array(blob).reshape(want)))
+                if legacy:
+                    self._legacy.add((lp.name, i))
+                else:
+                    self._legacy.discard((lp.name, i))
+
+
+def load_net(
+    model: str | os.PathLike | caffe_pb2.NetParameter,
+    weights: str | os.PathLike | None = None,
+    phase: str | int = "test",
+    level: int = 0,
+    stages: Sequence[str] = (),
+    input_shapes: dict[str, Sequence[int]] | None = None,
+) -> CaffeNet:
+    """Build a CaffeNet from a prototxt (path or NetParameter) for ``phase``, optionally loading weights."""
+    ph = parse_phase(phase)
+    net_param = read_net(model) if not isinstance(model, caffe_pb2.NetParameter) else model
+    filtered = filter_net(net_param, ph, level, tuple(stages))
+    try:
+        net = CaffeNet(filtered, ph, input_shapes=input_shapes)
+    except PrototxtError as e:
+        raise PrototxtError(
+            f"{model if not isinstance(model, caffe_pb2.NetParameter) else net_param.name}: {e}"
+        ) from None
+    if weights:
+        net.load_caffemodel(weights)
+    return net

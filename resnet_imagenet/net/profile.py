@@ -1,0 +1,259 @@
+"""What a net costs: ``summary`` (shapes, parameters, multiply-accumulates) and ``time`` (caffe time).
+
+MACs count the multiply-accumulates of Convolution (output elements x Cin/group x kh x kw) and
+InnerProduct (outputs x inputs) layers, the usual ResNet "FLOPs" figure; other layers count 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from resnet_imagenet.net.net import CaffeNet, data_layer_shapes, load_net
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, filter_net, parse_phase, read_net
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerCost:
+    name: str
+    type: str
+    top_shapes: list[tuple[int, ...]]
+    params: int = 0
+    macs: int = 0
+
+
+@dataclass
+class Summary:
+    name: str
+    batch: int
+    layers: list[LayerCost] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(x.params for x in self.layers)
+
+    @property
+    def macs(self) -> int:
+        return sum(x.macs for x in self.layers)
+
+    def layer(self, name: str) -> LayerCost:
+        return next(x for x in self.layers if x.name == name)
+
+
+def _load(model_path: str | os.PathLike, phase: str | int, batch: int | None) -> CaffeNet:
+    """The net for ``phase`` with every data layer's batch dimension set to ``batch`` (None: as written)."""
+    ph = parse_phase(phase)
+    net_param = filter_net(read_net(model_path), ph)
+    shapes = {}
+    if batch is not None:
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
+        for lp in net_param.layer:
+            if lp.type in DATA_LAYER_TYPES:
+                for top, shape in zip(lp.top, data_layer_shapes(lp)):
+                    shapes[top] = (batch, *shape[1:])
+    return load_net(net_param, phase=ph, input_shapes=shapes or None)
+
+
+def _macs(module: torch.nn.Module, top: tuple[int, ...]) -> int:
+    """Convolution: out elements x Cin/g x kh x kw; InnerProduct: outputs x inputs (the layers' macs(), per
+    image, times the batch)."""
+    return module.macs() * top[0] if hasattr(module, "macs") else 0
+
+
+def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
+    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net."""
+    net = _load(model_path, phase, batch)
+    out = Summary(net.name, batch)
+    for lp in net.data_layers:
+        out.layers.append(LayerCost(lp.name, lp.type, [net.input_shapes[t] for t in lp.top]))
+    for lp in net.layer_params:
+        module = net.layers[lp.name]
+        tops = [tuple(s) for s in module.top_shapes()]
+        params = sum(p.numel() for p in module.parameters())
+        out.layers.append(LayerCost(lp.name, lp.type, tops, params, _macs(module, tops[0])))
+    return out
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "x".join(map(str, s)) if s else "scalar"
+
+
+def print_summary(model_path: str | os.PathLike, phase: str = "test", batch: int = 1) -> Summary:
+    """Print ``summarize``'s table and totals to stdout (the ``summary`` command)."""
+    s = summarize(model_path, phase, batch)
+    width = max(len(x.name) for x in s.layers) + 2
+    print(f"{s.name or model_path}: phase {phase}, batch {batch}")
+    print(f"{'layer':{width}}{'type':18}{'top shape':22}{'params':>14}{'MACs':>18}")
+    for x in s.layers:
+        tops = ", ".join(_shape(t) for t in x.top_shapes)
+        print(f"{x.name:{width}}{x.type:18}{tops:22}{x.params:>14,}{x.macs:>18,}")
+    print(f"Total learnable parameters: {s.params:,}")
+    short = f"{s.macs / 1e9:.2f} G" if s.macs >= 1e8 else f"{s.macs / 1e6:.2f} M"
+    print(f"Total MACs: {s.macs:,} ({short}) for batch {batch}")
+    return s
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _LayerTimer:
+    """Forward and backward time of each layer, taken inside a normal forward + autograd backward.
+
+    Forward: module pre/post hooks. Backward: hooks on the autograd nodes each layer created (found
+    by walking from its outputs back to its inputs), summed, as Caffe times each Layer::Backward.
+    A Scale that CaffeNet folds into the BatchNorm before it shows 0: its time is in the BatchNorm.
+    """
+
+    def __init__(self, net: CaffeNet, device: torch.device) -> None:
+        self.device = device
+        self.forward_s: dict[str, float] = defaultdict(float)
+        self.backward_s: dict[str, float] = defaultdict(float)
+        self._start: dict[str, tuple[float, list]] = {}
+        self._handles = []
+        for name, module in net.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre(name)))
+            self._handles.append(module.register_forward_hook(self._post(name)))
+
+    def _pre(self, name: str):
+        def hook(module, args):
+            # grad_fn now: an in-place layer (ReLU) rewrites its input's history below
+            boundary = [a.grad_fn for a in args if isinstance(a, torch.Tensor)]
+            _sync(self.device)
+            self._start[name] = (time.perf_counter(), boundary)
+
+        return hook
+
+    def _post(self, name: str):
+        def hook(module, args, output):
+            _sync(self.device)
+            t0, boundary = self._start.pop(name)
+            self.forward_s[name] += time.perf_counter() - t0
+            if torch.is_grad_enabled():
+                outs = output if isinstance(output, tuple) else (output,)
+                for node in self._nodes(outs, boundary):
+                    self._time_node(node, name)
+
+        return hook
+
+    @staticmethod
+    def _nodes(outputs, boundary) -> list:
+        stop = {id(n) for n in boundary if n is not None}
+        todo = [t.grad_fn for t in outputs if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        seen, nodes = set(), []
+        while todo:
+            node = todo.pop()
+            if node is None or id(node) in stop or id(node) in seen:
+                continue
+            seen.add(id(node))
+            nodes.append(node)
+            todo.extend(n for n, _ in node.next_functions)
+        return nodes
+
+    def _time_node(self, node, name: str) -> None:
+        start = []
+
+        def pre(grad_outputs):
+            _sync(self.device)
+            start.append(time.perf_counter())
+
+        def post(grad_inputs, grad_outputs):
+            _sync(self.device)
+            self.backward_s[name] += time.perf_counter() - start.pop()
+
+        node.register_prehook(pre)
+        node.register_hook(post)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _objective(net: CaffeNet, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What backward starts from: the weighted losses, or (a deploy net) the sum of its float outputs."""
+    if net.loss_weights:
+        return sum(w * out[name] for name, w in net.loss_weights.items())
+    return sum(t.float().sum() for t in out.values() if t.requires_grad)
+
+
+def time_net(
+    model_path: str | os.PathLike,
+    iterations: int = 50,
+    gpu: int | None = None,
+    phase: str = "train",
+    batch: int | None = None,
+) -> dict:
+    """Caffe's ``caffe time``: average forward and backward time per layer and per iteration (ms).
+
+    Like Caffe it runs the net in ``phase`` (TRAIN by default) on its own batch size (``batch``
+    overrides it) after one untimed forward + backward, on random data and labels 0.
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, not {iterations}")
+    if gpu is not None and not torch.cuda.is_available():
+        raise ValueError(f"--gpu {gpu}: no CUDA device is available")
+    device = torch.device("cpu" if gpu is None else f"cuda:{gpu}")
+    net = _load(model_path, phase, batch).to(device)
+    inputs = {}
+    for name in net.input_names:
+        shape = net.input_shapes[name]
+        inputs[name] = torch.zeros(shape, device=device) if len(shape) == 1 else torch.randn(shape, device=device)
+    log.info("Performing Forward")
+    loss = _objective(net, net(**inputs))
+    log.info("Initial loss: %g", loss.item())
+    log.info("Performing Backward")
+    if loss.requires_grad:
+        loss.backward()
+    log.info("*** Benchmark begins ***")
+    log.info("Testing for %d iterations.", iterations)
+    timer = _LayerTimer(net, device)
+    forward_s = backward_s = 0.0
+    try:
+        total0 = time.perf_counter()
+        for i in range(iterations):
+            net.zero_grad(set_to_none=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = _objective(net, net(**inputs))
+            _sync(device)
+            t1 = time.perf_counter()
+            if loss.requires_grad:
+                loss.backward()
+            _sync(device)
+            t2 = time.perf_counter()
+            forward_s += t1 - t0
+            backward_s += t2 - t1
+            log.info("Iteration: %d forward-backward time: %.3f ms.", i + 1, (t2 - t0) * 1e3)
+        total_s = time.perf_counter() - total0
+    finally:
+        timer.remove()
+    log.info("Average time per layer: ")
+    layers = []
+    for lp in net.layer_params:
+        fwd = timer.forward_s[lp.name] * 1e3 / iterations
+        bwd = timer.backward_s[lp.name] * 1e3 / iterations
+        layers.append((lp.name, fwd, bwd))
+        log.info("%10s\tforward: %.5f ms.", lp.name, fwd)
+        log.info("%10s\tbackward: %.5f ms.", lp.name, bwd)
+    result = {
+        "layers": layers,
+        "forward_ms": forward_s * 1e3 / iterations,
+        "backward_ms": backward_s * 1e3 / iterations,
+        "forward_backward_ms": total_s * 1e3 / iterations,
+        "total_ms": total_s * 1e3,
+    }
+    log.info("Average Forward pass: %.3f ms.", result["forward_ms"])
+    log.info("Average Backward pass: %.3f ms.", result["backward_ms"])
+    log.info("Average Forward-Backward: %.3f ms.", result["forward_backward_ms"])
+    log.info("Total Time: %.3f ms.", result["total_ms"])
+    log.info("*** Benchmark ends ***")
+    return result

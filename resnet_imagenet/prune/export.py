@@ -1,0 +1,289 @@
+"""``resnet-imagenet prune``: load a net + weights, sample images, prune, write the output folder.
+
+The folder (written completely or not at all) holds train_val.prototxt and deploy.prototxt with the
+reduced num_output (plain layers only, unless --filter-input adds caffe-pro Filter layers in front of
+each branch2a), <dir>_pruned.caffemodel, a fine-tune <dir>_solver.prototxt
+and prune_report.json. Every check on the input (weights matching the net, a reachable speed-up,
+a readable non-empty database) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from resnet_imagenet.net.net import CaffeNet, load_net
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.blob import read_binary_proto
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, TEST, filter_net, read_net, read_solver, to_text
+from resnet_imagenet.prune import core as P
+from resnet_imagenet.prune.filter import check_filters, export_filters, filter_targets
+from resnet_imagenet.util.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+# Fine-tune recipe relative to the net's own training solver (the zoo's <net>_solver.prototxt beside
+# --model): 1/10 of its base_lr (ResNet-50: 0.01, the second rate of the original schedule), 1/4 of its
+# iterations (ResNet-50: 200,000 = 20 epochs at 4 GPUs x 32), one step down by 0.1 halfway. On the demo's
+# tiny net this recovered more than the released model's 1e-5 or 1/100 of base_lr did (see BENCHMARKS.md).
+FINETUNE_LR_DIVISOR = 10
+FINETUNE_ITER_DIVISOR = 4
+
+
+def check_weights(net: CaffeNet, weights: str | os.PathLike) -> None:
+    """Load ``weights`` into ``net``; every layer with blobs must get them (else a clear error)."""
+    net.load_caffemodel(weights)
+    src = read_binary_proto(weights, caffe_pb2.NetParameter(), "caffemodel")
+    have = {lp.name for lp in src.layer if lp.blobs}
+    missing = [lp.name for lp in net.layer_params if net.layers[lp.name].blobs() and lp.name not in have]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(
+            f"{weights}: no weights for layer(s) {', '.join(missing[:5])}{more}; is it this net's caffemodel?"
+        )
+
+
+def read_widths(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, int]]:
+    """Widths from a pruned prototxt: num_output of every Convolution, and for a conv reading a
+    Filter layer's top, that Filter's num_output (the channels of its input it keeps)."""
+    net = read_net(path)
+    filters = {lp.top[0]: lp.filter_param.num_output for lp in net.layer if lp.type == "Filter"}
+    widths = {lp.name: lp.convolution_param.num_output for lp in net.layer if lp.type == "Convolution"}
+    inputs = {
+        lp.name: filters[lp.bottom[0]] for lp in net.layer if lp.type == "Convolution" and lp.bottom[0] in filters
+    }
+    return widths, inputs
+
+
+def load_images(
+    layer: caffe_pb2.LayerParameter, data: str | os.PathLike, mean: str | os.PathLike | None, n: int, seed: int
+) -> torch.Tensor:
+    """``n`` images (or all there are) from ``data``, shuffled by ``seed``, through ``layer``'s transform."""
+    from resnet_imagenet.data.feed import DataFeed
+
+    lp = caffe_pb2.LayerParameter()
+    lp.CopyFrom(layer)
+    if lp.type == "Data":
+        lp.data_param.source = str(Path(data).resolve())
+        lp.data_param.batch_size = min(n, 32)
+    elif lp.type == "ImageData":
+        lp.image_data_param.source = str(Path(data).resolve())
+        lp.image_data_param.batch_size = min(n, 32)
+    else:
+        raise ValueError(f"layer '{lp.name}': --data needs a Data or ImageData layer, not {lp.type}")
+    if mean is not None:
+        lp.transform_param.mean_file = str(Path(mean).resolve())
+        lp.transform_param.ClearField("mean_value")
+    out, got = [], 0
+    with DataFeed(lp, "train", seed=seed, num_workers=0) as feed:  # TRAIN: a seeded random subset
+        for x, _ in feed.epoch(0):
+            out.append(x[: n - got])
+            got += len(out[-1])
+            if got >= n:
+                break
+    return torch.cat(out)
+
+
+def deploy_from(train_val: caffe_pb2.NetParameter, input_shape: tuple[int, ...]) -> caffe_pb2.NetParameter:
+    """A deploy net from a train_val: an Input layer, TEST-phase layers without label users, then prob."""
+    test = filter_net(train_val, TEST)
+    data_layers = [lp for lp in test.layer if lp.type in DATA_LAYER_TYPES]
+    labels = {t for lp in data_layers for t in lp.top[1:]}
+    out = caffe_pb2.NetParameter(name=train_val.name)
+    inp = out.layer.add(name=data_layers[0].name, type="Input")
+    inp.top.append(data_layers[0].top[0])
+    inp.input_param.shape.add().dim.extend(input_shape)
+    logits = None
+    for lp in test.layer:
+        if lp.type in DATA_LAYER_TYPES:
+            continue
+        if labels & set(lp.bottom):
+            logits = lp.bottom[0] if lp.type == "SoftmaxWithLoss" else logits
+            continue
+        new = out.layer.add()
+        new.CopyFrom(lp)
+        for field in ("include", "exclude", "param"):
+            new.ClearField(field)
+        for p in (new.convolution_param, new.inner_product_param):
+            p.ClearField("weight_filler")
+            p.ClearField("bias_filler")
+        if lp.type == "BatchNorm":
+            new.batch_norm_param.use_global_stats = True
+    if logits is not None:
+        out.layer.add(name="prob", type="Softmax", bottom=[logits], top=["prob"])
+    return out
+
+
+def finetune_solver(out: Path, model: Path) -> caffe_pb2.SolverParameter:
+    """The fine-tune solver, scaled from the training solver beside ``model`` (ImageNet ResNet-50's if none)."""
+    base = model.parent / f"{model.parent.name}_solver.prototxt"
+    if base.is_file():
+        s = read_solver(base)
+        s.ClearField("net")
+    else:
+        s = caffe_pb2.SolverParameter(type="SGD", lr_policy="step", gamma=0.1, momentum=0.9, weight_decay=0.0001)
+        s.test_iter.append(1000)
+        s.test_interval, s.base_lr, s.max_iter, s.display, s.snapshot = 10000, 0.1, 800000, 20, 50000
+    s.net = str(out / "train_val.prototxt")
+    s.base_lr = s.base_lr / FINETUNE_LR_DIVISOR
+    s.max_iter = max(1, s.max_iter // FINETUNE_ITER_DIVISOR)
+    s.lr_policy, s.stepsize, s.gamma = "step", max(1, s.max_iter // 2), 0.1
+    s.ClearField("stepvalue")
+    s.snapshot = min(s.snapshot or s.max_iter, max(1, s.max_iter // 4))
+    s.test_interval = min(s.test_interval or s.max_iter, s.max_iter)
+    s.snapshot_prefix = f"snapshots/{out.name}"
+    return s
+
+
+def run(
+    model: str | os.PathLike,
+    weights: str | os.PathLike,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    speedup: float | None = None,
+    widths: str | None = None,
+    mean: str | os.PathLike | None = None,
+    method: str = "lasso",
+    images: int = 500,
+    points: int = 10,
+    seed: int = 0,
+    batch: int = 16,
+    device: str = "cpu",
+    force: bool = False,
+    filter_input: bool = False,
+) -> dict:
+    """Prune ``model`` with ``weights`` and write the folder ``out``; returns the report.
+
+    ``filter_input``: also prune the block input each branch2a reads, through a Filter layer in front of it
+    (the released ResNet-50-2X's channel sampler): widths from --widths' Filter layers, or with --speedup
+    the same keep ratio as the inner widths (counted in the multiply-adds).
+    """
+    out, model = Path(out), Path(model)
+    if (speedup is None) == (widths is None):
+        raise ValueError("give exactly one of --speedup or --widths")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    if images < 1 or points < 1:
+        raise ValueError("--images and --points-per-image must be positive")
+    full = read_net(model)
+    net = load_net(full, phase="test")
+    if not net.data_layers or net.data_layers[0].type not in ("Data", "ImageData"):
+        raise ValueError(
+            f"{model}: no TEST Data/ImageData layer; give the train_val prototxt (its transform reads --data)"
+        )
+    check_weights(net, weights)
+    net.to(device)
+    pairs = P.find_pairs(net)
+    filters: dict[str, int] = {}  # the input Filter widths that --widths names (released or its prototxt's)
+    applied: dict[str, int] = {}  # the input Filters pruned with --filter-input
+    if speedup is not None:
+        if speedup <= 0:
+            raise ValueError("--speedup must be positive")
+        if filter_input:
+            keep, applied = P.plan_for_speedup(net, pairs, speedup, filter_targets(net, pairs))
+        else:
+            keep = P.widths_for_speedup(net, pairs, speedup)
+    elif widths == "released":
+        keep, filters = dict(P.RELEASED_WIDTHS), dict(P.RELEASED_FILTERS)
+    else:
+        all_widths, filters = read_widths(widths)
+        keep = {p.conv: all_widths[p.conv] for p in pairs if p.conv in all_widths}
+        if not keep:
+            raise ValueError(f"{widths}: names none of this net's prunable convolutions")
+    P.check_widths(pairs, keep)
+    if filter_input and widths is not None:
+        if not filters:
+            raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
+        applied = filters
+    check_filters(net, pairs, applied)
+    params0, macs0 = P.count_params_macs(net)
+    x = load_images(net.data_layers[0], data, mean, images, seed).to(device)
+    log.info("sampled %d images of %s; pruning %d conv pairs by %s", len(x), data, len(keep), method)
+    pruned, reports = P.prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
+    params1, macs1 = P.count_params_macs(pruned)
+    report = {
+        "model": str(model), "weights": str(weights), "data": str(data), "method": method,
+        "widths": widths or f"speedup {speedup:g}", "images": len(x), "points_per_image": points,
+        "layers": [asdict(r) for r in reports],
+        "params_before": params0, "params_after": params1, "macs_before": macs0, "macs_after": macs1,
+        "speedup": macs0 / macs1, "requested_speedup": speedup, "filter_input": filter_input,
+    }  # fmt: skip
+    if filters:
+        with_filters = P.planned_macs(net, pairs, keep, filters)
+        report["released"] = {
+            "macs_with_input_filters": with_filters,
+            "speedup_with_input_filters": macs0 / with_filters,
+        }
+    report["peak_rss_mb"] = _peak_rss_mb()  # of this process so far: loading, sampling, pruning
+    export(out, full, pruned, report, x[: min(4, len(x))], model)
+    return report
+
+
+def _peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / (1024 * 1024) if sys.platform == "darwin" else kb / 1024  # bytes on macOS, KiB on Linux
+
+
+def export(out: Path, full: caffe_pb2.NetParameter, pruned: CaffeNet, report: dict, x: torch.Tensor, model: Path):
+    """Write the folder; the written net is reloaded and must reproduce the in-memory pruned net."""
+    widths = {lp.name: lp.convolution_param.num_output for lp in pruned.layer_params if lp.type == "Convolution"}
+    tv = caffe_pb2.NetParameter()
+    tv.CopyFrom(full)
+    for lp in tv.layer:
+        if lp.type == "Convolution" and lp.name in widths:
+            lp.convolution_param.num_output = widths[lp.name]
+    export_filters(tv, pruned)
+    header = f"# Channel-pruned by resnet-imagenet prune ({report['method']}, {report['widths']}) from {model}\n"
+    deploy = deploy_from(tv, (1, *pruned.input_shapes[pruned.input_names[0]][1:]))
+    name = out.name
+    caffemodel = f"{name}_pruned.caffemodel"
+    report["files"] = {"train_val": "train_val.prototxt", "deploy": "deploy.prototxt", "weights": caffemodel,
+                       "solver": f"{name}_solver.prototxt"}  # fmt: skip
+    with atomic_path(out, is_dir=True) as tmp:
+        (tmp / "train_val.prototxt").write_text(header + to_text(tv))
+        (tmp / "deploy.prototxt").write_text(header + to_text(deploy))
+        pruned.cpu().save_caffemodel(tmp / caffemodel)
+        (tmp / f"{name}_solver.prototxt").write_text(to_text(finetune_solver(out, model)))
+        check = load_net(tmp / "deploy.prototxt", weights=tmp / caffemodel)
+        load_net(tmp / "train_val.prototxt", weights=tmp / caffemodel, phase="train")  # TRAIN phase builds too
+        logits = deploy.layer[-1].bottom[0] if deploy.layer[-1].name == "prob" else check.output_names[0]
+        x = x.cpu()
+        with torch.no_grad():
+            extra = {n: torch.zeros(len(x)) for n in pruned.input_names[1:]}
+            want = pruned(x, **extra, blobs=[logits])[logits]
+            got = check(x, blobs=[logits])[logits]
+        diff = float((want - got).abs().max())
+        if diff > 1e-4 * max(1.0, float(want.abs().max())):
+            raise RuntimeError(f"the exported net differs from the pruned net by {diff:g} at '{logits}'")
+        (tmp / "prune_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The per-layer table and totals, as the command prints them."""
+    rows = [f"{'layer':<22} {'next':<22} {'channels':>13} {'rel. error':>10}"]
+    for r in report["layers"]:
+        ch = f"{r['channels_before']} -> {r['channels_after']}"
+        rows.append(f"{r['layer']:<22} {r['next']:<22} {ch:>13} {r['rel_error']:>10.4f}")
+    rows.append(f"params  {report['params_before']:,} -> {report['params_after']:,}")
+    rows.append(
+        f"MACs    {report['macs_before'] / 1e9:.3f} G -> {report['macs_after'] / 1e9:.3f} G per image: "
+        f"{report['speedup']:.2f}x fewer multiply-adds"
+    )
+    if "released" in report:
+        rel = report["released"]
+        rows.append(
+            f"released model (these widths plus its input Filter layers): "
+            f"{rel['macs_with_input_filters'] / 1e9:.3f} G, {rel['speedup_with_input_filters']:.2f}x"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,154 @@
+"""``classify``: top-5 classes of image files with a deploy net, preprocessed as the model was trained.
+
+Geometry: the shorter side is resized to 256/224 of the net's input size, then the centre crop of the input size
+is taken (256 -> 224 for ImageNet nets); when the mean is a full-size image mean (e.g. 256x256 from
+compute_image_mean over a ``--resize_height/--resize_width`` LMDB), the image is resized to the mean's size
+instead, as convert_imageset did for training. Pixels are BGR, the mean is subtracted at the crop's pixels.
+``ten_crop`` averages the softmax of the 4 corner and centre crops and their mirrors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resnet_imagenet.data.mean import load_mean
+from resnet_imagenet.data.transform import ten_crops
+from resnet_imagenet.proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+_WNID = re.compile(r"^n\d{8}\s+(.*\S)\s*$")
+RESIZE_RATIO = 256 / 224  # the ImageNet habit: resize to 256, crop 224
+
+
+def default_labels_path() -> Path:
+    """The shipped ImageNet-1k class list (resnet_imagenet/data/_info/synset_words.txt)."""
+    return Path(str(resources.files("resnet_imagenet.data") / "_info" / "synset_words.txt"))
+
+
+def load_labels(path: str | os.PathLike | None, num_classes: int) -> list[str]:
+    """Class names in label order.
+
+    Reads Caffe's synset_words.txt style (``n01440764 tench, Tinca tinca``: the WNID is dropped) or a plain
+    class list (one name per line, as convert_imageset writes for class folders). Without a path: the shipped
+    ImageNet-1k list for 1000-class nets, else ``class 0``, ``class 1``, ...
+    """
+    if path is None:
+        if num_classes != 1000:
+            return [f"class {i}" for i in range(num_classes)]
+        path = default_labels_path()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ValueError(f"{path}:{i}: empty class name")
+        m = _WNID.match(line)
+        names.append(m.group(1) if m else line.strip())
+    if len(names) != num_classes:
+        log.warning("%s: %d class names for a net with %d outputs", path, len(names), num_classes)
+    return names + [f"class {i}" for i in range(len(names), num_classes)]
+
+
+def parse_mean(mean: str | os.PathLike | None, channels: int) -> np.ndarray | None:
+    """``--mean``: a mean.binaryproto (C x H x W) or per-channel values ``104,117,123`` (C x 1 x 1); None = none."""
+    if mean is None:
+        return None
+    text = str(mean)
+    tp = caffe_pb2.TransformationParameter()
+    if not Path(text).exists() and re.fullmatch(r"[-+0-9.eE]+(,[-+0-9.eE]+)*", text):
+        tp.mean_value.extend(float(t) for t in text.split(","))
+    else:
+        tp.mean_file = text
+    return load_mean(tp, channels)
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[int, str, float]]  # (label, name, score), best first
+
+
+class Classifier:
+    """A deploy net with its preprocessing; ``classify(path)`` -> Prediction (ValueError for a bad image)."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        weights: str | os.PathLike | None,
+        mean: str | os.PathLike | None = None,
+        labels: str | os.PathLike | None = None,
+        *,
+        ten_crop: bool = False,
+        gpu: str | None = None,
+        scale: float = 1.0,
+    ):
+        from resnet_imagenet.net.net import load_net
+        from resnet_imagenet.train.dist import parse_gpus
+
+        ids = parse_gpus("cpu" if gpu is None else str(gpu))  # one process: one GPU id, or the CPU
+        self.device = torch.device("cpu") if ids is None else torch.device("cuda", ids[0])
+        self.net = load_net(model, weights=weights, phase="test").to(self.device).eval()
+        if not self.net.input_names:
+            raise ValueError(f"{model}: the net has no input")
+        self.input = self.net.input_names[0]
+        shape = self.net.input_shapes[self.input]
+        if len(shape) != 4:
+            raise ValueError(f"{model}: input '{self.input}' has shape {shape}, not N x C x H x W")
+        self.channels, self.crop_h, self.crop_w = int(shape[1]), int(shape[2]), int(shape[3])
+        if self.crop_h != self.crop_w:
+            raise ValueError(f"{model}: input {self.crop_h}x{self.crop_w} is not square")
+        self.mean = parse_mean(mean, self.channels)
+        self.scale, self.ten_crop = scale, ten_crop
+        outs = [b for b in self.net.output_names if b not in self.net.loss_weights]
+        if len(outs) != 1:
+            raise ValueError(f"{model}: expected one output blob (the class scores), found {outs}")
+        self.output = outs[0]
+        producer = [lp for lp in self.net.layer_params if self.output in lp.top][-1]
+        self.is_prob = producer.type == "Softmax"
+        self.num_classes = int(np.prod(self.net.blob_shapes[self.output][1:]))
+        self.labels = load_labels(labels, self.num_classes)
+
+    def preprocess(self, buf: bytes) -> torch.Tensor:
+        """Image file bytes -> raw BGR pixels (1, C, H, W) at the size the crops are taken from."""
+        from resnet_imagenet.data import transform as T
+
+        img = T.decode_image(buf, T.GRAY if self.channels == 1 else T.COLOR)
+        crop = self.crop_h
+        if self.mean is not None and self.mean.shape[1:] not in ((1, 1), (crop, crop)):
+            mh, mw = self.mean.shape[1:]
+            img = T.resize_exact(img, mh, mw)  # the training images' size (convert_imageset --resize_*)
+        else:
+            img = T.resize_shorter(img, max(crop, round(crop * RESIZE_RATIO)))
+        return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32))[None]
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (num_classes,) of one preprocessed image, averaged over its crops."""
+        mean = None if self.mean is None else torch.from_numpy(self.mean)
+        crops = list(ten_crops(x, self.crop_h, mean, self.scale, centre_only=not self.ten_crop))
+        batch = torch.cat(crops).to(self.device)
+        with torch.inference_mode():
+            out = self.net(**{self.input: batch}, blobs=[self.output])[self.output].float().flatten(1)
+        probs = out if self.is_prob else F.softmax(out, dim=1)
+        return probs.mean(0).cpu()
+
+    def classify(self, path: str | os.PathLike, top_k: int = 5) -> Prediction:
+        buf = Path(path).read_bytes()
+        p = self.scores(self.preprocess(buf))
+        vals, idx = p.topk(min(top_k, p.numel()))
+        return Prediction(str(path), [(int(i), self.labels[int(i)], float(v)) for v, i in zip(vals, idx)])
+
+
+def format_prediction(pred: Prediction) -> str:
+    """``PATH`` then one ``name (score = 0.88493)`` line per class, best first."""
+    return "\n".join([pred.path] + [f"{name} (score = {score:.5f})" for _, name, score in pred.top])

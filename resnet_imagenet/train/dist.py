@@ -1,0 +1,162 @@
+"""Processes and devices for training: one code path for 1 or N processes launched by torchrun.
+
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE; without them we are one process.
+The backend is gloo on CPU and nccl on GPU. Also Caffe-BatchNorm synchronised across processes
+(``--sync-bn``): batch statistics summed over all processes with an autograd-aware all_reduce.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from resnet_imagenet.net import layers as L
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Procs:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    gpu_ids: list[int] | None = None  # the CUDA ids of this machine's processes (parse_gpus); None: CPU
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_procs() -> tuple[int, int, int, int]:
+    """(rank, local_rank, world_size, local_world_size) from torchrun's environment."""
+    e = os.environ
+    world = int(e.get("WORLD_SIZE", 1))
+    return int(e.get("RANK", 0)), int(e.get("LOCAL_RANK", 0)), world, int(e.get("LOCAL_WORLD_SIZE", world))
+
+
+def parse_gpus(gpu: str | None, local_world_size: int = 1) -> list[int] | None:
+    """``--gpu``: None (GPUs if any, else CPU), ``cpu`` / ``cpu:N``, ``all``, or a comma list of ids.
+
+    Returns the CUDA ids this machine's processes use (one each), or None for CPU. A GPU id that does
+    not exist, or a count that does not match the number of processes here, is a ValueError.
+    """
+    n = torch.cuda.device_count()
+    if gpu is None:
+        if n == 0:
+            return None
+        gpu = "all" if local_world_size > 1 else "0"
+    gpu = gpu.strip()
+    if gpu == "cpu" or gpu.startswith("cpu:"):
+        return None
+    if gpu == "all":
+        if n == 0:
+            raise ValueError("--gpu all: no GPU is visible")
+        ids = list(range(n))
+    else:
+        try:
+            ids = [int(x) for x in gpu.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--gpu {gpu!r}: expected cpu, cpu:N, all or GPU ids like 0,1,2,3") from None
+        for i in ids:
+            if not 0 <= i < n:
+                raise ValueError(f"GPU {i} does not exist ({n} GPU{'s' if n != 1 else ''} visible)")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"--gpu {gpu}: a GPU is listed twice")
+    if len(ids) != local_world_size:
+        raise ValueError(
+            f"--gpu {gpu}: {len(ids)} GPUs for {local_world_size} process(es) on this machine; "
+            f"launch one process per GPU (./train.sh {gpu} ... or torchrun --nproc_per_node {len(ids)})"
+        )
+    return ids
+
+
+def init_procs(gpu: str | None) -> Procs:
+    """Pick this process's device and join the process group (gloo on CPU, nccl on GPU)."""
+    rank, local_rank, world, local_world = env_procs()
+    ids = parse_gpus(gpu, local_world)
+    if ids is None:
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", ids[local_rank])
+        torch.cuda.set_device(device)
+    procs = Procs(rank, local_rank, world, local_world, device, ids)
+    if procs.distributed and not dist.is_initialized():
+        # Rank 0 tests alone (as Caffe's root solver) while the others wait: allow a long test pass.
+        timeout = datetime.timedelta(minutes=int(os.environ.get("RESNET_IMAGENET_DIST_TIMEOUT_MIN", "60")))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timeout, **kw)
+    return procs
+
+
+def close_procs(procs: Procs, clean: bool = True) -> None:
+    """Leave the process group; after a clean run wait for the others first (not after an error: they may be gone)."""
+    if procs.distributed and dist.is_initialized():
+        if clean:
+            dist.barrier()  # no process leaves while rank 0 still tests or snapshots
+        dist.destroy_process_group()
+
+
+def broadcast_int(value: int, procs: Procs) -> int:
+    """Rank 0's ``value`` on every rank."""
+    if not procs.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=procs.device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def gather_objects(obj, procs: Procs) -> list:
+    """Every rank's ``obj`` (a small picklable state), in rank order, on every rank."""
+    if not procs.distributed:
+        return [obj]
+    out = [None] * procs.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class SyncCaffeBatchNorm(L.BatchNorm):
+    """Caffe's BatchNorm with the batch statistics of all processes (same blobs, same moving averages)."""
+
+    def forward(self, x, weight=None, bias=None):
+        if self.global_stats() or not dist.is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x, weight, bias)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = torch.full((1,), xf.numel() // c, dtype=torch.float32, device=x.device)
+        stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+        n = stats[2 * c]
+        mean = stats[:c] / n
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
+        view = (1, c) + (1,) * (x.dim() - 2)
+        y = (xf - mean.view(view)) * torch.rsqrt(var.view(view) + self.eps)
+        if weight is not None:
+            y = y * weight.float().view(view)
+        if bias is not None:
+            y = y + bias.float().view(view)
+        with torch.no_grad():
+            # caffe: blobs = batch stat + maf * blobs, the variance unbiased by m / (m - 1)
+            self.scale_factor.mul_(self.maf).add_(1.0)
+            self.mean.mul_(self.maf).add_(mean.detach())
+            self.variance.mul_(self.maf).add_(var.detach() * (n / (n - 1).clamp_min(1)))
+        return y.to(x.dtype) if x.dtype != torch.float32 else y
+
+
+def convert_sync_batchnorm(net: torch.nn.Module) -> int:
+    """Turn every Caffe BatchNorm of ``net`` into SyncCaffeBatchNorm in place; returns how many."""
+    n = 0
+    for m in net.modules():
+        if type(m) is L.BatchNorm:
+            m.__class__ = SyncCaffeBatchNorm
+            n += 1
+    return n

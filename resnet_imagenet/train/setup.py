@@ -1,0 +1,110 @@
+"""What training is built from: the solver's TRAIN and TEST nets, their shared blobs, feeds and learnables."""
+
+from __future__ import annotations
+
+import torch
+
+from resnet_imagenet.data.feed import DataFeed
+from resnet_imagenet.net.net import CaffeNet
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import TEST, TRAIN, filter_net, read_net
+from resnet_imagenet.solver.solver import Learnable
+
+Feeds = list[tuple[DataFeed, list[str]]]  # one (feed, tops of its data layer) per data layer of a net
+
+
+def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, list[caffe_pb2.NetParameter]]:
+    """caffe: Solver::InitTrainNet / InitTestNets -- the TRAIN net and one TEST net per test_iter."""
+    given = [f for f in ("net", "net_param", "train_net", "train_net_param") if sp.HasField(f)]
+    if len(given) != 1:
+        raise ValueError(
+            f"the solver must give exactly one of net, net_param, train_net, train_net_param (has {given})"
+        )
+    general = None
+    if sp.HasField("net_param"):
+        general = train = sp.net_param
+    elif sp.HasField("net"):
+        general = train = read_net(sp.net)
+    elif sp.HasField("train_net_param"):
+        train = sp.train_net_param
+    else:
+        train = read_net(sp.train_net)
+    tests = list(sp.test_net_param) + [read_net(p) for p in sp.test_net]
+    if not tests and general is not None:
+        tests = [general] * len(sp.test_iter)
+    if len(tests) != len(sp.test_iter):
+        raise ValueError(f"the solver has {len(tests)} test net(s) but {len(sp.test_iter)} test_iter value(s)")
+    if sp.test_state and len(sp.test_state) != len(tests):
+        raise ValueError(f"the solver has {len(sp.test_state)} test_state for {len(tests)} test net(s)")
+    ts = sp.train_state
+    train = filter_net(train, TRAIN, ts.level, tuple(ts.stage))
+    out = []
+    for i, t in enumerate(tests):
+        st = sp.test_state[i] if sp.test_state else caffe_pb2.NetState()
+        out.append(filter_net(t, TEST, st.level, tuple(st.stage)))
+    return train, out
+
+
+def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
+    """caffe: Net::ShareTrainedLayersWith -- the TEST net's blobs become the TRAIN net's, by layer name."""
+    source = dict(train_net.layers.items())
+    for name, m in test_net.layers.items():
+        src = source.get(name)
+        if src is None:
+            continue
+        for attr in m.blob_names:
+            mine, theirs = getattr(m, attr, None), getattr(src, attr, None)
+            if mine is None or theirs is None:
+                continue
+            if mine.shape != theirs.shape:
+                raise ValueError(
+                    f"layer '{name}' blob {attr}: TEST net shape {tuple(mine.shape)}, TRAIN {tuple(theirs.shape)}"
+                )
+            if attr in m._parameters:
+                m._parameters[attr] = theirs
+            else:
+                m._buffers[attr] = theirs
+
+
+def build_feeds(
+    net: CaffeNet, phase: int, *, rank: int, world: int, seed: int, workers: int, device: torch.device,
+    channels_last: bool,
+) -> Feeds:  # fmt: skip
+    """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on."""
+    out = []
+    for lp in net.data_layers:
+        if lp.type not in ("Data", "ImageData"):
+            raise ValueError(f"layer '{lp.name}': a {lp.type} layer has no data to train on; use a Data layer (LMDB)")
+        feed = DataFeed(lp, phase, rank=rank, world_size=world, seed=seed, num_workers=workers, device=device,
+                        channels_last=channels_last)  # fmt: skip
+        out.append((feed, list(lp.top)))
+    if not out:
+        raise ValueError(f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no Data or ImageData layer")
+    return out
+
+
+def learnables(net: CaffeNet) -> list[Learnable]:
+    """The net's learnable blobs, each once; lr_mult 0 means no gradient (caffe: param_propagate_down false)."""
+    seen: dict[int, Learnable] = {}
+    for layer, i, p, lr_mult, decay_mult in net.learnable():
+        if id(p) not in seen:
+            seen[id(p)] = Learnable(p, lr_mult, decay_mult, f"{layer}[{i}]")
+    for x in seen.values():
+        x.param.requires_grad_(x.lr_mult != 0)
+    return list(seen.values())
+
+
+def net_inputs(feeds: Feeds) -> dict[str, torch.Tensor]:
+    """The next batch of every feed, by top name (data, and label when the layer has a second top)."""
+    out = {}
+    for feed, tops in feeds:
+        data, label = feed.next()
+        out[tops[0]] = data
+        if len(tops) > 1:
+            out[tops[1]] = label
+    return out
+
+
+def net_loss(net: CaffeNet, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """caffe: the net's loss -- the sum of loss_weight * output over the loss blobs."""
+    return sum(w * out[name].float().sum() for name, w in net.loss_weights.items())
