@@ -9,6 +9,7 @@ instead, as convert_imageset did for training. Pixels are BGR, the mean is subtr
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.tools import add_command
+from resnet_imagenet.util.glog import error_line
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +155,35 @@ class Classifier:
 def format_prediction(pred: Prediction) -> str:
     """``PATH`` then one ``name (score = 0.88493)`` line per class, best first."""
     return "\n".join([pred.path] + [f"{name} (score = {score:.5f})" for _, name, score in pred.top])
+
+
+# --- the command ---
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "classify")
+    p.add_argument("--model", required=True, help="deploy prototxt")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--mean", default=None, help="mean.binaryproto, or per-channel values such as 104,117,123")
+    p.add_argument("--labels", default=None, help="synset_words.txt or a class list, one name per line "
+                   "(default: the shipped ImageNet-1k list for 1000-class nets)")  # fmt: skip
+    p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
+    p.add_argument("--scale", type=float, default=1.0, help="transform_param scale the model was trained with")
+    p.add_argument("--gpu", default=None, help="a GPU id, or cpu (default: CPU)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet.tools.classify import Classifier, format_prediction
+
+    clf = Classifier(args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu,
+                     scale=args.scale)  # fmt: skip
+    failed = 0
+    for path in args.images:
+        try:
+            print(format_prediction(clf.classify(path)), flush=True)
+        except (OSError, ValueError) as e:  # a bad image: one line, the others still run
+            failed += 1
+            error_line(f"resnet-imagenet classify: error: {path}: {e}")
+    return 1 if failed else 0

@@ -8,6 +8,7 @@ so the zoo's resnet_tiny prototxts run unchanged there; each command is printed 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import os
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import parse_text, to_text
+from resnet_imagenet.tools import add_command
+from resnet_imagenet.util.glog import error_line
 
 log = logging.getLogger(__name__)
 
@@ -252,3 +255,30 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         f"pruned 2x, {res.top1_after:.4f} pruned 2x and fine-tuned"
     )
     return res
+
+
+# --- the command ---
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "demo")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out; a rerun replaces it)")
+    p.add_argument("--max-iter", type=int, default=None, help="training iterations (default: the zoo solver's)")
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from resnet_imagenet.tools.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), max_iter=args.max_iter, train_per_class=args.train_per_class,
+                     val_per_class=args.val_per_class)  # fmt: skip
+    try:
+        run_demo(cfg)
+    except RuntimeError as e:
+        error_line(f"resnet-imagenet demo: error: {e}")
+        return 1
+    return 0

@@ -12,6 +12,7 @@ in minutes.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from resnet_imagenet.tools import add_command
 from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -202,3 +204,30 @@ def write_demo_dataset(
     log.info("wrote %d train and %d val images of %d classes under %s",
              train_per_class * len(CLASSES), val_per_class * len(CLASSES), len(CLASSES), root)  # fmt: skip
     return manifest
+
+
+# --- the command ---
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "demo_data")
+    p.add_argument("outdir", help="folder to create (OUTDIR/train/<class>/*.jpg, OUTDIR/val/..., list files)")
+    p.add_argument("--train-per-class", type=int, default=100)
+    p.add_argument("--val-per-class", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet.tools.demo_data import write_demo_dataset
+
+    m = write_demo_dataset(
+        args.outdir,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.outdir}: {len(m['classes'])} classes, {m['train_per_class']} train + {m['val_per_class']} val each")
+    return 0

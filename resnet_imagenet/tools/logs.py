@@ -8,6 +8,7 @@ LearningRate, then one column per net output), plus SmoothedLoss (the solver's `
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import io
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resnet_imagenet.tools import add_command
 from resnet_imagenet.util.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -268,3 +270,37 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, *, smooth: int | N
         fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
     log.info("wrote %s (%d train rows, %d test rows)", out, len(parsed.train), len(parsed.test))
     return out
+
+
+# --- the command ---
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "parse_log")
+    p.add_argument("log", help="training log (ours or real Caffe's)")
+    p.add_argument("outdir", nargs="?", default=None, help="folder for the CSVs (default: beside the log)")
+    p.set_defaults(func=run_parse_log)
+
+    p = add_command(sub, "plot_log")
+    p.add_argument("log", help="training log (ours or real Caffe's)")
+    p.add_argument("-o", "--output", required=True, help="image to write (.png, .pdf, .svg)")
+    p.add_argument(
+        "--smooth", type=int, default=None, help="moving-average window in displays (default: n/40, at least 3)"
+    )
+    p.set_defaults(func=run_plot_log)
+
+
+def run_parse_log(args: argparse.Namespace) -> int:
+    from resnet_imagenet.tools.logs import write_csvs
+
+    train_csv, test_csv, parsed = write_csvs(args.log, args.outdir)
+    print(f"{train_csv}: {len(parsed.train)} rows")
+    print(f"{test_csv}: {len(parsed.test)} rows")
+    return 0
+
+
+def run_plot_log(args: argparse.Namespace) -> int:
+    from resnet_imagenet.tools.logs import plot_log
+
+    print(plot_log(args.log, args.output, smooth=args.smooth))
+    return 0

@@ -9,6 +9,7 @@ outputs (Caffe's python/caffe/classifier.py oversample, the seed's Torch ten-cro
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.tools import add_command
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +162,36 @@ def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir
     if world > 1:
         torch.distributed.all_reduce(total)  # sums over the disjoint shares: every image once
     return _Tally.summary(total)
+
+
+# --- the command ---
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(sub, "test")
+    p.add_argument("--model", required=True, help="train_val prototxt (its TEST-phase data layer names the LMDB)")
+    p.add_argument("--weights", required=True, help=".caffemodel")
+    p.add_argument("--iterations", type=int, default=None, help="batches to run (default: every image once)")
+    p.add_argument("--gpu", default=None, help="cpu, all, or GPU ids like 0,1,2,3 (one per process under torchrun; "
+                   "default: CPU)")  # fmt: skip
+    p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
+    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    from resnet_imagenet.tools.test import evaluate
+
+    def on_batch(i: int, m: dict) -> None:
+        log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
+
+    r = evaluate(args.model, args.weights, iterations=args.iterations, gpu=args.gpu, ten_crop=args.ten_crop,
+                 num_workers=args.workers, on_batch=on_batch)  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"images = {r['images']}{' (10 crops each)' if args.ten_crop else ''}")
+        print(f"top-1 = {r['top-1']:.5f}")
+        print(f"top-5 = {r['top-5']:.5f}")
+        print(f"loss = {r['loss']:.5f}")
+    return 0

@@ -1,0 +1,34 @@
+"""``convert_imageset``: Caffe's tool -- a folder or list file of images into an LMDB of Datums."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools._flags import add_convert_flags, convert_options
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "convert_imageset",
+        description="ROOT/ LISTFILE DB: LISTFILE lines are 'relative/path label'. ROOT/ DB: ROOT/<class>/ "
+        "folders, classes sorted get labels 0..N-1, the class list goes to DB.classes.txt.",
+    )
+    p.add_argument("paths", nargs="+", metavar="ROOT [LISTFILE] DB")
+    add_convert_flags(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet.data.convert import convert_imageset
+
+    if len(args.paths) not in (2, 3):
+        raise ValueError("usage: convert_imageset [flags] ROOT/ [LISTFILE] DB")
+    root, listfile, db = (args.paths[0], None, args.paths[1]) if len(args.paths) == 2 else args.paths
+    s = convert_imageset(
+        root, listfile, db, convert_options(args), shuffle=args.shuffle, seed=args.seed, jobs=args.jobs,
+        overwrite=args.overwrite, strict=args.strict, progress=args.progress,
+    )  # fmt: skip
+    print(f"{db}: {s.report()}")
+    return 0

@@ -1,0 +1,54 @@
+"""``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from resnet_imagenet.tools import add_command
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = add_command(
+        sub,
+        "prune",
+        description="Prune the inner channels of ResNet bottlenecks (branch2a/2b) and plain conv chains "
+        "(He, Zhang & Sun, ICCV 2017) and write train_val/deploy prototxts, the pruned caffemodel, a "
+        "fine-tune solver and prune_report.json into --out (all or nothing).",
+    )
+    p.add_argument("--model", required=True, help="train_val prototxt (its TEST data layer's transform reads --data)")
+    p.add_argument("--weights", required=True, help="trained .caffemodel of --model")
+    p.add_argument("--data", required=True, help="LMDB (or ImageData list) to sample feature maps from")
+    p.add_argument("--mean", help="mean.binaryproto (default: the data layer's mean_file / mean_value)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--speedup", type=float, help="reach at least this MAC reduction with a uniform keep ratio")
+    g.add_argument(
+        "--widths", help="'released' (the published ResNet-50-2X widths) or a prototxt whose num_output to copy"
+    )
+    p.add_argument("--out", required=True, help="output folder, e.g. prototxt_like/resnet_50_2x")
+    p.add_argument("--method", choices=["lasso", "l1"], default="lasso", help="l1: filter-norm baseline, no refit")
+    p.add_argument("--images", type=int, default=500, help="images to sample (default 500)")
+    p.add_argument("--points-per-image", type=int, default=10, help="random positions per image (default 10)")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass while sampling (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device for the forward passes (cpu, cuda)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--filter-input",
+        action="store_true",
+        help="also prune the block input each branch2a reads, through a Filter layer in front of it (as the "
+        "released ResNet-50-2X): --widths' Filter widths, or with --speedup the inner widths' keep ratio",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet.prune.export import format_report, run
+
+    report = run(
+        args.model, args.weights, args.data, args.out, speedup=args.speedup, widths=args.widths, mean=args.mean,
+        method=args.method, images=args.images, points=args.points_per_image, seed=args.seed, batch=args.batch,
+        device=args.device, force=args.force, filter_input=args.filter_input,
+    )  # fmt: skip
+    print(format_report(report))
+    print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")
+    return 0
