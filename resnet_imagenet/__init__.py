@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from resnet_imagenet._version import __version__
+
 __all__ = ["load_net", "__version__"]
 
 

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from resnet_imagenet import __version__
+from resnet_imagenet._version import __version__
 from resnet_imagenet.tools import COMMANDS
 from resnet_imagenet.util.glog import error_line, setup_logging
 

@@ -287,7 +287,7 @@ def build_db(
         if strict and summary.skipped:
             f, r = summary.skipped[0]
             raise ValueError(f"{db}: --strict and {len(summary.skipped)} inputs were skipped (first: {f}: {r})")
-        from resnet_imagenet import __version__
+        from resnet_imagenet._version import __version__
 
         info = {
             "tool": "resnet-imagenet", "version": __version__, "count": summary.written,
