@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.net.cost import count_params_macs
 from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.proto.text import read_net
@@ -77,7 +78,7 @@ def bench_forward(batch: int, reps: int, device: torch.device) -> None:
     pairs = P.find_pairs(base)
     widths = P.widths_for_speedup(base, pairs, 2.0)
     pruned = _pruned_deploy(widths)
-    macs0, macs1 = P.count_params_macs(base)[1], P.count_params_macs(pruned)[1]
+    macs0, macs1 = count_params_macs(base)[1], count_params_macs(pruned)[1]
     for net in (base, pruned):
         _randomize(net)
         net.to(device).eval()

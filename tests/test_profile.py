@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from resnet_imagenet import cli
-from resnet_imagenet.net.profile import summarize, time_net
+from resnet_imagenet.net.cost import summarize
+from resnet_imagenet.net.timing import time_net
 
 ZOO = Path(__file__).resolve().parents[1] / "prototxt_like"
 

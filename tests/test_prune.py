@@ -14,6 +14,7 @@ import torch
 from resnet_imagenet.cli import main
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.net import layers as L
+from resnet_imagenet.net.cost import count_params_macs
 from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import write_blobproto
@@ -166,7 +167,7 @@ def test_speedup_widths_reach_the_target_and_unreachable_ones_fail():
     net = load_net(TINY, phase="test")
     pairs = P.find_pairs(net)
     base = P.planned_macs(net, pairs, {})
-    assert base == P.count_params_macs(net)[1]
+    assert base == count_params_macs(net)[1]
     for r in (1.2, 1.5, 2.0):
         w = P.widths_for_speedup(net, pairs, r)
         assert base / P.planned_macs(net, pairs, w) >= r
@@ -191,7 +192,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
     assert solver.count("test_iter:") == 1 and "test_iter: 10\n" in solver  # the tiny solver's, not merged twice
 
     deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_tiny_2x_pruned.caffemodel")
-    assert P.count_params_macs(deployed) == (report["params_after"], report["macs_after"])
+    assert count_params_macs(deployed) == (report["params_after"], report["macs_after"])
     assert deployed.layers["res2a_branch2a"].weight.shape[0] == report["layers"][0]["channels_after"]
     # The same pruning in memory (same images, seed and points) gives the same outputs as the files.
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
@@ -354,7 +355,7 @@ def test_filter_input_prunes_each_block_input_through_a_filter_layer(two_blocks)
         with torch.no_grad():
             want, got = net(held, blobs=["b"])["b"], pruned(held, blobs=["b"])["b"]
         out[method] = float((got - want).norm() / want.norm())
-        macs[method] = P.count_params_macs(pruned)[1]
+        macs[method] = count_params_macs(pruned)[1]
     assert [(r.layer, r.next, r.channels_before, r.channels_after) for r in reports] == [
         ("data_Filter", "a_2a", 8, 4), ("a_2a", "a_2b", 8, 4), ("a_2b", "a_2c", 8, 4),
         ("a_out_Filter", "b_2a", 8, 5), ("b_2a", "b_2b", 8, 4), ("b_2b", "b_2c", 8, 4),
@@ -367,7 +368,7 @@ def test_filter_input_prunes_each_block_input_through_a_filter_layer(two_blocks)
     assert list(pruned.layer_params_by_name("a").bottom) == ["data", "a_2c"]  # the shortcut reads all channels
     assert list(pruned.layer_params_by_name("b").bottom) == ["a_out", "b_2c"]
     # Branch2a's MACs shrink with its input; the MAC count plans it so.
-    plain = P.count_params_macs(P.prune_net(net, x, widths, points=10)[0])[1]
+    plain = count_params_macs(P.prune_net(net, x, widths, points=10)[0])[1]
     assert macs["lasso"] == P.planned_macs(net, pairs, widths, filters) < plain
     assert P.planned_macs(net, pairs, widths) == plain
     print(out)
@@ -400,7 +401,7 @@ def test_prune_command_with_filter_input_exports_filter_layers(tiny, tmp_path):
         name = deployed.layer_params_by_name(conv).bottom[0]
         assert int(deployed.layers[name].selector.count_nonzero()) == k  # the caffemodel's selector keeps k
         assert deployed.layers[conv].weight.shape[1] == deployed.blob_shapes[name][1] == k
-    assert P.count_params_macs(deployed) == (report["params_after"], report["macs_after"])
+    assert count_params_macs(deployed) == (report["params_after"], report["macs_after"])
     # The same pruning in memory gives the same outputs as the files.
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
     pairs = P.find_pairs(net)
@@ -453,7 +454,7 @@ def test_released_widths_with_filter_input_give_the_released_resnet_50(tmp_path)
     assert round(report["macs_before"] / 1e9, 2) == 3.86 and round(report["macs_after"] / 1e9, 2) == 2.60
     assert report["macs_after"] == report["released"]["macs_with_input_filters"]
     deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_50_2x_pruned.caffemodel")
-    assert P.count_params_macs(deployed)[1] == report["macs_after"]
+    assert count_params_macs(deployed)[1] == report["macs_after"]
     _, filters = read_widths(out / "train_val.prototxt")
     assert filters == P.RELEASED_FILTERS
     for conv, k in filters.items():

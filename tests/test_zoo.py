@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from resnet_imagenet.net import zoo
+from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, TEST, TRAIN, filter_net, parse_text, read_net, read_solver
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, TEST, TRAIN, parse_text, read_net, read_solver
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "prototxt_like"

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from resnet_imagenet.net import layers as L
+from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import array_to_blob, blob_shape, blob_to_array, is_legacy, read_binary_proto
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, filter_net, parse_phase, read_net
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net
 from resnet_imagenet.util.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,10 @@ class CaffeNet(nn.Module):
         if blobs is not None:
             return {b: values[b] for b in blobs}
         return {b: values[b] for b in self.output_names if b in values}
+
+    def loss(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """caffe: the net's loss -- the sum of loss_weight * output over the loss blobs (in float32)."""
+        return sum(w * out[name].float().sum() for name, w in self.loss_weights.items())
 
     def layer_params_by_name(self, name: str) -> caffe_pb2.LayerParameter:
         """The LayerParameter of the (non-data) layer ``name``."""

@@ -157,13 +157,6 @@ def residual_affine(net: CaffeNet, res: ResidualSum, channels: int) -> tuple[tor
 # --- multiply-adds and widths -------------------------------------------------------------------
 
 
-def count_params_macs(net: CaffeNet) -> tuple[int, int]:
-    """Learnable parameters and per-image multiply-adds (conv: out elems x Cin/g x kh x kw; fc: in x out)."""
-    params = sum(p.numel() for p in net.parameters())
-    macs = sum(m.macs() for m in net.layers.values() if hasattr(m, "macs"))
-    return params, macs
-
-
 def planned_macs(
     net: CaffeNet, pairs: list[PrunePair], widths: dict[str, int], filters: dict[str, int] | None = None
 ) -> int:

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from resnet_imagenet.net.cost import count_params_macs
+from resnet_imagenet.net.deploy import deploy_from
 from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import read_binary_proto
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, TEST, filter_net, read_net, read_solver, to_text
+from resnet_imagenet.proto.text import read_net, read_solver, to_text
 from resnet_imagenet.prune import core as P
 from resnet_imagenet.prune.filter import check_filters, export_filters, filter_targets
 from resnet_imagenet.util.atomic import atomic_path
@@ -89,36 +91,6 @@ def load_images(
             if got >= n:
                 break
     return torch.cat(out)
-
-
-def deploy_from(train_val: caffe_pb2.NetParameter, input_shape: tuple[int, ...]) -> caffe_pb2.NetParameter:
-    """A deploy net from a train_val: an Input layer, TEST-phase layers without label users, then prob."""
-    test = filter_net(train_val, TEST)
-    data_layers = [lp for lp in test.layer if lp.type in DATA_LAYER_TYPES]
-    labels = {t for lp in data_layers for t in lp.top[1:]}
-    out = caffe_pb2.NetParameter(name=train_val.name)
-    inp = out.layer.add(name=data_layers[0].name, type="Input")
-    inp.top.append(data_layers[0].top[0])
-    inp.input_param.shape.add().dim.extend(input_shape)
-    logits = None
-    for lp in test.layer:
-        if lp.type in DATA_LAYER_TYPES:
-            continue
-        if labels & set(lp.bottom):
-            logits = lp.bottom[0] if lp.type == "SoftmaxWithLoss" else logits
-            continue
-        new = out.layer.add()
-        new.CopyFrom(lp)
-        for field in ("include", "exclude", "param"):
-            new.ClearField(field)
-        for p in (new.convolution_param, new.inner_product_param):
-            p.ClearField("weight_filler")
-            p.ClearField("bias_filler")
-        if lp.type == "BatchNorm":
-            new.batch_norm_param.use_global_stats = True
-    if logits is not None:
-        out.layer.add(name="prob", type="Softmax", bottom=[logits], top=["prob"])
-    return out
 
 
 def finetune_solver(out: Path, model: Path) -> caffe_pb2.SolverParameter:
@@ -206,11 +178,11 @@ def run(
             raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
         applied = filters
     check_filters(net, pairs, applied)
-    params0, macs0 = P.count_params_macs(net)
+    params0, macs0 = count_params_macs(net)
     x = load_images(net.data_layers[0], data, mean, images, seed).to(device)
     log.info("sampled %d images of %s; pruning %d conv pairs by %s", len(x), data, len(keep), method)
     pruned, reports = P.prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
-    params1, macs1 = P.count_params_macs(pruned)
+    params1, macs1 = count_params_macs(pruned)
     report = {
         "model": str(model), "weights": str(weights), "data": str(data), "method": method,
         "widths": widths or f"speedup {speedup:g}", "images": len(x), "points_per_image": points,

@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.net.profile import time_net
+    from resnet_imagenet.net.timing import time_net
 
     time_net(args.model, iterations=args.iterations, gpu=args.gpu, phase=args.phase, batch=args.batch)
     return 0

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from resnet_imagenet.net.net import CaffeNet
-from resnet_imagenet.train.setup import Feeds, net_inputs, net_loss
+from resnet_imagenet.train.setup import Feeds, net_inputs
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def run_test(
             vec, counts = flat_outputs(net, out)
             scores = vec if scores is None else scores + vec
             if compute_loss:
-                loss += float(net_loss(net, out))
+                loss += float(net.loss(out))
     if compute_loss:
         log.info("Test loss: %s", g(loss / test_iter))
     if scores is not None:

@@ -6,8 +6,9 @@ import torch
 
 from resnet_imagenet.data.feed import DataFeed
 from resnet_imagenet.net.net import CaffeNet
+from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import TEST, TRAIN, filter_net, read_net
+from resnet_imagenet.proto.text import TEST, TRAIN, read_net
 from resnet_imagenet.solver.solver import Learnable
 
 Feeds = list[tuple[DataFeed, list[str]]]  # one (feed, tops of its data layer) per data layer of a net
@@ -103,8 +104,3 @@ def net_inputs(feeds: Feeds) -> dict[str, torch.Tensor]:
         if len(tops) > 1:
             out[tops[1]] = label
     return out
-
-
-def net_loss(net: CaffeNet, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """caffe: the net's loss -- the sum of loss_weight * output over the loss blobs."""
-    return sum(w * out[name].float().sum() for name, w in net.loss_weights.items())

@@ -28,7 +28,7 @@ from resnet_imagenet.proto.text import TEST, TRAIN, read_solver, to_text
 from resnet_imagenet.solver.solver import CaffeSolver, check_solver
 from resnet_imagenet.train import dist as D
 from resnet_imagenet.train.display import SmoothedLoss, flat_outputs, g, hms, log_outputs, run_test
-from resnet_imagenet.train.setup import Feeds, build_feeds, learnables, net_inputs, net_loss, share_weights, solver_nets
+from resnet_imagenet.train.setup import Feeds, build_feeds, learnables, net_inputs, share_weights, solver_nets
 from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
 from resnet_imagenet.train.snapshot import (
     SnapshotError,
@@ -247,7 +247,7 @@ class Trainer:
                 with self.model.no_sync() if not sync else contextlib.nullcontext():
                     with self._autocast():
                         out = self.model(**net_inputs(self.feeds))
-                        loss = net_loss(self.net, out)
+                        loss = self.net.loss(out)
                     if loss.requires_grad:
                         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
                 loss_sum += loss.detach()
@@ -311,7 +311,7 @@ class Trainer:
                 # BatchNorm statistics out of the net, so the final test scores the saved snapshot.
                 saved = [b.clone() for b in self.net.buffers()]
                 with torch.no_grad(), self._autocast():
-                    loss = net_loss(self.net, self.model(**net_inputs(self.feeds))).reshape(1)
+                    loss = self.net.loss(self.model(**net_inputs(self.feeds))).reshape(1)
                     for b, old in zip(self.net.buffers(), saved):
                         b.copy_(old)
                 loss_value = self._reduce(loss.float())[0] / P.world_size

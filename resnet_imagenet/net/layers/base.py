@@ -364,4 +364,3 @@ class InnerProduct(CaffeLayer):
         x = x.flatten(self.axis)
         w = self.weight.t() if self.transpose else self.weight
         return F.linear(x, w, self.bias)
-

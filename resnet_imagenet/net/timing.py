@@ -1,7 +1,7 @@
-"""What a net costs: ``summary`` (shapes, parameters, multiply-accumulates) and ``time`` (caffe time).
+"""Caffe's ``caffe time``: average forward and backward time of every layer and of whole iterations.
 
-MACs count the multiply-accumulates of Convolution (output elements x Cin/group x kh x kw) and
-InnerProduct (outputs x inputs) layers, the usual ResNet "FLOPs" figure; other layers count 0.
+Forward hooks on each layer time its forward; autograd hooks on its output time its backward. Caffe
+times on random data at the net's own batch size; so does this.
 """
 
 from __future__ import annotations
@@ -10,95 +10,13 @@ import logging
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 
-from resnet_imagenet.net.net import CaffeNet, data_layer_shapes, load_net
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, filter_net, parse_phase, read_net
+from resnet_imagenet.net.cost import load_at_batch
+from resnet_imagenet.net.net import CaffeNet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LayerCost:
-    name: str
-    type: str
-    top_shapes: list[tuple[int, ...]]
-    params: int = 0
-    macs: int = 0
-
-
-@dataclass
-class Summary:
-    name: str
-    batch: int
-    layers: list[LayerCost] = field(default_factory=list)
-
-    @property
-    def params(self) -> int:
-        return sum(x.params for x in self.layers)
-
-    @property
-    def macs(self) -> int:
-        return sum(x.macs for x in self.layers)
-
-    def layer(self, name: str) -> LayerCost:
-        return next(x for x in self.layers if x.name == name)
-
-
-def _load(model_path: str | os.PathLike, phase: str | int, batch: int | None) -> CaffeNet:
-    """The net for ``phase`` with every data layer's batch dimension set to ``batch`` (None: as written)."""
-    ph = parse_phase(phase)
-    net_param = filter_net(read_net(model_path), ph)
-    shapes = {}
-    if batch is not None:
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, not {batch}")
-        for lp in net_param.layer:
-            if lp.type in DATA_LAYER_TYPES:
-                for top, shape in zip(lp.top, data_layer_shapes(lp)):
-                    shapes[top] = (batch, *shape[1:])
-    return load_net(net_param, phase=ph, input_shapes=shapes or None)
-
-
-def _macs(module: torch.nn.Module, top: tuple[int, ...]) -> int:
-    """Convolution: out elements x Cin/g x kh x kw; InnerProduct: outputs x inputs (the layers' macs(), per
-    image, times the batch)."""
-    return module.macs() * top[0] if hasattr(module, "macs") else 0
-
-
-def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
-    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net."""
-    net = _load(model_path, phase, batch)
-    out = Summary(net.name, batch)
-    for lp in net.data_layers:
-        out.layers.append(LayerCost(lp.name, lp.type, [net.input_shapes[t] for t in lp.top]))
-    for lp in net.layer_params:
-        module = net.layers[lp.name]
-        tops = [tuple(s) for s in module.top_shapes()]
-        params = sum(p.numel() for p in module.parameters())
-        out.layers.append(LayerCost(lp.name, lp.type, tops, params, _macs(module, tops[0])))
-    return out
-
-
-def _shape(s: tuple[int, ...]) -> str:
-    return "x".join(map(str, s)) if s else "scalar"
-
-
-def print_summary(model_path: str | os.PathLike, phase: str = "test", batch: int = 1) -> Summary:
-    """Print ``summarize``'s table and totals to stdout (the ``summary`` command)."""
-    s = summarize(model_path, phase, batch)
-    width = max(len(x.name) for x in s.layers) + 2
-    print(f"{s.name or model_path}: phase {phase}, batch {batch}")
-    print(f"{'layer':{width}}{'type':18}{'top shape':22}{'params':>14}{'MACs':>18}")
-    for x in s.layers:
-        tops = ", ".join(_shape(t) for t in x.top_shapes)
-        print(f"{x.name:{width}}{x.type:18}{tops:22}{x.params:>14,}{x.macs:>18,}")
-    print(f"Total learnable parameters: {s.params:,}")
-    short = f"{s.macs / 1e9:.2f} G" if s.macs >= 1e8 else f"{s.macs / 1e6:.2f} M"
-    print(f"Total MACs: {s.macs:,} ({short}) for batch {batch}")
-    return s
 
 
 def _sync(device: torch.device) -> None:
@@ -181,7 +99,7 @@ class _LayerTimer:
 def _objective(net: CaffeNet, out: dict[str, torch.Tensor]) -> torch.Tensor:
     """What backward starts from: the weighted losses, or (a deploy net) the sum of its float outputs."""
     if net.loss_weights:
-        return sum(w * out[name] for name, w in net.loss_weights.items())
+        return net.loss(out)
     return sum(t.float().sum() for t in out.values() if t.requires_grad)
 
 
@@ -202,7 +120,7 @@ def time_net(
     if gpu is not None and not torch.cuda.is_available():
         raise ValueError(f"--gpu {gpu}: no CUDA device is available")
     device = torch.device("cpu" if gpu is None else f"cuda:{gpu}")
-    net = _load(model_path, phase, batch).to(device)
+    net = load_at_batch(model_path, phase, batch).to(device)
     inputs = {}
     for name in net.input_names:
         shape = net.input_shapes[name]
