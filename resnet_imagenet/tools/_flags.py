@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import argparse
 
+GPU_FORMS = "cpu, cpu:N (N CPU processes, train only), all, or GPU ids like 0,1,2,3"
+
+
+def add_gpu_flag(p: argparse.ArgumentParser, default: str) -> None:
+    """The one --gpu flag of every tool that runs a net (Caffe's -gpu spelling); ``default`` says what None means."""
+    p.add_argument("--gpu", default=None, metavar="GPUS", help=f"{GPU_FORMS}; default: {default}")
+
+
+def one_device(gpu: str | None) -> str:
+    """--gpu of a one-process tool as a torch device: None or cpu is the CPU (Caffe without -gpu), else one GPU id."""
+    from resnet_imagenet.train.dist import parse_gpus
+
+    ids = parse_gpus("cpu" if gpu is None else str(gpu))
+    return "cpu" if ids is None else f"cuda:{ids[0]}"
+
 
 def add_convert_flags(p: argparse.ArgumentParser) -> None:
     """Caffe's convert_imageset flags (also as -flag=value, the gflags spelling) and ours."""
