@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from resnet_imagenet.data.datum import encode_datum  # noqa: E402
-from resnet_imagenet.proto.text import read_net, read_solver, write_prototxt  # noqa: E402
+from resnet_imagenet.proto.text import read_net, read_solver, to_text  # noqa: E402
 
 
 def make_lmdb(path: Path, n: int, size: int, classes: int) -> None:
@@ -58,14 +58,14 @@ def prepare(work: Path, net_name: str, n: int, iters: int, display: int) -> Path
             layer.transform_param.ClearField("mean_file")
             layer.transform_param.ClearField("mean_value")
             layer.transform_param.mean_value.extend([104, 117, 123])
-    write_prototxt(net, work / "train_val.prototxt")
+    (work / "train_val.prototxt").write_text(to_text(net))
     sp = read_solver(ROOT / "prototxt_like" / net_name / f"{net_name}_solver.prototxt")
     sp.net = str(work / "train_val.prototxt")
     sp.max_iter, sp.display, sp.average_loss = iters, display, display
     sp.test_interval, sp.snapshot, sp.snapshot_after_train = 0, 0, False
     sp.ClearField("test_iter")
     sp.snapshot_prefix = str(work / "snap")
-    write_prototxt(sp, work / "solver.prototxt")
+    (work / "solver.prototxt").write_text(to_text(sp))
     return work / "solver.prototxt"
 
 

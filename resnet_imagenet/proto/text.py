@@ -1,4 +1,4 @@
-"""Prototxt (protobuf text format) reading and writing, phase filtering and legacy upgrades.
+"""Prototxt (protobuf text format) reading and writing, and Caffe's legacy upgrades (phase filtering: net/phase.py).
 
 The prototxt is the experiment's config. Parsing is strict: an unknown field is an error that
 names the file, line and field, because a silently ignored typo (``lr_mult`` in the wrong block,
@@ -14,7 +14,6 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.util.atomic import atomic_write_text
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -68,11 +67,6 @@ def read_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
 def to_text(message: Message) -> str:
     # protobuf >= 7 has no float_format; its default prints float32 fields in their shortest round-trip form.
     return text_format.MessageToString(message)
-
-
-def write_prototxt(message: Message, path: str | os.PathLike) -> None:
-    """Write ``message`` as prototxt through a temporary file and a rename."""
-    atomic_write_text(path, to_text(message))
 
 
 def upgrade_net(net: caffe_pb2.NetParameter) -> None:

@@ -10,6 +10,7 @@ instead, as convert_imageset did for training. Pixels are BGR, the mean is subtr
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools._flags import add_gpu_flag, one_device
 from resnet_imagenet.util.glog import error_line
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,8 @@ class Classifier:
         scale: float = 1.0,
     ):
         from resnet_imagenet.net.net import load_net
-        from resnet_imagenet.train.dist import parse_gpus
 
-        ids = parse_gpus("cpu" if gpu is None else str(gpu))  # one process: one GPU id, or the CPU
-        self.device = torch.device("cpu") if ids is None else torch.device("cuda", ids[0])
+        self.device = torch.device(one_device(gpu))  # one process: one GPU id, or the CPU
         self.net = load_net(model, weights=weights, phase="test").to(self.device).eval()
         if not self.net.input_names:
             raise ValueError(f"{model}: the net has no input")
@@ -161,24 +161,26 @@ def format_prediction(pred: Prediction) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    scale = inspect.signature(Classifier).parameters["scale"].default
     p = add_command(sub, "classify")
     p.add_argument("--model", required=True, help="deploy prototxt")
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("--mean", default=None, help="mean.binaryproto, or per-channel values such as 104,117,123")
-    p.add_argument("--labels", default=None, help="synset_words.txt or a class list, one name per line "
-                   "(default: the shipped ImageNet-1k list for 1000-class nets)")  # fmt: skip
+    labels_help = "synset_words.txt or a class list, one name per line (default: the shipped ImageNet-1k list for "
+    p.add_argument("--labels", default=None, help=labels_help + "1000-class nets)")
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
-    p.add_argument("--scale", type=float, default=1.0, help="transform_param scale the model was trained with")
-    p.add_argument("--gpu", default=None, help="a GPU id, or cpu (default: CPU)")
+    p.add_argument(
+        "--scale", type=float, default=scale, help=f"transform_param scale the model was trained with (default {scale})"
+    )
+    add_gpu_flag(p, default="CPU")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.tools.classify import Classifier, format_prediction
-
-    clf = Classifier(args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu,
-                     scale=args.scale)  # fmt: skip
+    clf = Classifier(
+        args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu, scale=args.scale
+    )
     failed = 0
     for path in args.images:
         try:

@@ -13,6 +13,7 @@ in minutes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -156,6 +157,23 @@ def _image_rng(seed: int, split: str, label: int, index: int) -> np.random.Gener
     return np.random.default_rng([seed, _SPLITS[split], label, index])
 
 
+def _write_split(root: Path, split: str, per_class: int, seed: int, min_size: int, max_size: int) -> None:
+    """``root/split/<class>/<class>_NNNN.jpg`` and the list file ``root/split.txt``."""
+    lines = []
+    for label, name in enumerate(CLASSES):
+        (root / split / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = make_image(name, _image_rng(seed, split, label, i), min_size, max_size)
+            rel = f"{name}/{name}_{i:04d}.jpg"
+            q = int(_image_rng(seed, split, label, i).integers(85, 96))
+            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
+            if not ok:
+                raise RuntimeError(f"JPEG encoding failed for {rel}")
+            (root / split / rel).write_bytes(buf.tobytes())
+            lines.append(f"{rel} {label}\n")
+    (root / f"{split}.txt").write_text("".join(lines))
+
+
 def write_demo_dataset(
     root: str | os.PathLike,
     *,
@@ -175,22 +193,9 @@ def write_demo_dataset(
         raise FileExistsError(f"{root} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
-    counts = {"train": train_per_class, "val": val_per_class}
     with atomic_path(root, is_dir=True) as tmp:
-        for split, per_class in counts.items():
-            lines = []
-            for label, name in enumerate(CLASSES):
-                (tmp / split / name).mkdir(parents=True)
-                for i in range(per_class):
-                    img = make_image(name, _image_rng(seed, split, label, i), min_size, max_size)
-                    rel = f"{name}/{name}_{i:04d}.jpg"
-                    q = int(_image_rng(seed, split, label, i).integers(85, 96))
-                    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
-                    if not ok:
-                        raise RuntimeError(f"JPEG encoding failed for {rel}")
-                    (tmp / split / rel).write_bytes(buf.tobytes())
-                    lines.append(f"{rel} {label}\n")
-            (tmp / f"{split}.txt").write_text("".join(lines))
+        for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+            _write_split(tmp, split, per_class, seed, min_size, max_size)
         (tmp / "labels.txt").write_text("".join(f"{c}\n" for c in CLASSES))
         manifest = {
             "classes": list(CLASSES),
@@ -201,8 +206,8 @@ def write_demo_dataset(
             "max_size": max_size,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    log.info("wrote %d train and %d val images of %d classes under %s",
-             train_per_class * len(CLASSES), val_per_class * len(CLASSES), len(CLASSES), root)  # fmt: skip
+    n = len(CLASSES)
+    log.info("wrote %d train and %d val images of %d classes under %s", train_per_class * n, val_per_class * n, n, root)
     return manifest
 
 
@@ -210,18 +215,18 @@ def write_demo_dataset(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    defaults = {k: v.default for k, v in inspect.signature(write_demo_dataset).parameters.items()}
     p = add_command(sub, "demo_data")
     p.add_argument("outdir", help="folder to create (OUTDIR/train/<class>/*.jpg, OUTDIR/val/..., list files)")
-    p.add_argument("--train-per-class", type=int, default=100)
-    p.add_argument("--val-per-class", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    for flag in ("train_per_class", "val_per_class", "seed"):
+        p.add_argument(
+            f"--{flag.replace('_', '-')}", type=int, default=defaults[flag], help=f"default {defaults[flag]}"
+        )
     p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.tools.demo_data import write_demo_dataset
-
     m = write_demo_dataset(
         args.outdir,
         train_per_class=args.train_per_class,

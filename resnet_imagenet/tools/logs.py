@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import inspect
 import io
 import logging
 import math
@@ -226,44 +227,61 @@ def _accuracy_names(rows: list[dict]) -> list[str]:
     return [c for c in _columns(rows)[len(BASE_COLUMNS) :] if "acc" in c.lower()]
 
 
+def _smooth_window(displays: int, smooth: int | None) -> int:
+    """``smooth``, else n/40 displays (at least 3; no smoothing below 6 displays)."""
+    return smooth or (max(3, displays // 40) if displays >= 6 else 1)
+
+
+def _plot_loss(ax, parsed: ParsedLog, window: int) -> None:
+    """Training loss, raw and smoothed, and the test passes' loss outputs."""
+    its, loss = training_loss(parsed)
+    ax.plot(its, loss, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss (raw, per display)")
+    ax.plot(its, moving_average(loss, window), color="tab:blue", linewidth=2, label=f"smoothed ({window} displays)")
+    for name in [c for c in _columns(parsed.test)[len(BASE_COLUMNS) :] if c in parsed.loss_weights]:
+        rows = [r for r in parsed.test if name in r]
+        ax.plot([r["NumIters"] for r in rows], [r[name] for r in rows], "o-", color="tab:red", label=f"test {name}")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+
+
+def _plot_accuracy(ax, parsed: ParsedLog, window: int) -> None:
+    """Test accuracies; without test passes, the training batches' accuracies, smoothed."""
+    if parsed.test and _accuracy_names(parsed.test):
+        for name in _accuracy_names(parsed.test):
+            rows = [r for r in parsed.test if name in r]
+            ax.plot([r["NumIters"] for r in rows], [r[name] for r in rows], "o-", label=f"test {name}")
+        ax.set_ylabel("test accuracy")
+    else:
+        its = [r["NumIters"] for r in parsed.train]
+        for name in _accuracy_names(parsed.train):
+            vals = [r.get(name, math.nan) for r in parsed.train]
+            ax.plot(its, moving_average(vals, window), label=f"train {name} (batch, smoothed)")
+        ax.set_ylabel("train accuracy (no test passes in log)")
+    ax.set_xlabel("iteration")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower right")
+
+
 def plot_log(path: str | os.PathLike, out: str | os.PathLike, *, smooth: int | None = None) -> Path:
     """Plot training loss (raw and smoothed) and accuracy against iteration; write the image atomically.
 
-    Accuracy comes from the test rows; a log without test passes (like the published resnet_32 log)
-    shows the training-batch accuracies, smoothed, instead.
+    ``smooth`` is the moving-average window in displays (None: n/40, at least 3). Accuracy comes from the
+    test rows; a log without test passes (like the published resnet_32 log) shows the training-batch
+    accuracies, smoothed, instead.
     """
     from matplotlib.figure import Figure  # Figure + savefig use the Agg canvas; no pyplot global state
 
     parsed = parse_log(path)
     if not parsed.train and not parsed.test:
         raise ValueError(f"{path}: no training or test iterations found (not a Caffe-format log?)")
-    its, loss = training_loss(parsed)
-    window = smooth or (max(3, len(its) // 40) if len(its) >= 6 else 1)
+    window = _smooth_window(len(parsed.train), smooth)
     fig = Figure(figsize=(9, 7), dpi=100)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
-    ax1.plot(its, loss, color="tab:blue", alpha=0.35, linewidth=0.8, label="train loss (raw, per display)")
-    ax1.plot(its, moving_average(loss, window), color="tab:blue", linewidth=2, label=f"smoothed ({window} displays)")
-    for name in [c for c in _columns(parsed.test)[len(BASE_COLUMNS) :] if c in parsed.loss_weights]:
-        rows = [r for r in parsed.test if name in r]
-        ax1.plot([r["NumIters"] for r in rows], [r[name] for r in rows], "o-", color="tab:red", label=f"test {name}")
-    ax1.set_ylabel("loss")
+    _plot_loss(ax1, parsed, window)
     ax1.set_title(Path(path).name, fontsize=9)
-    ax1.grid(alpha=0.3)
-    ax1.legend(loc="upper right")
-    if parsed.test and _accuracy_names(parsed.test):
-        for name in _accuracy_names(parsed.test):
-            rows = [r for r in parsed.test if name in r]
-            ax2.plot([r["NumIters"] for r in rows], [r[name] for r in rows], "o-", label=f"test {name}")
-        ax2.set_ylabel("test accuracy")
-    else:
-        for name in _accuracy_names(parsed.train):
-            vals = [r.get(name, math.nan) for r in parsed.train]
-            ax2.plot(its, moving_average(vals, window), label=f"train {name} (batch, smoothed)")
-        ax2.set_ylabel("train accuracy (no test passes in log)")
-    ax2.set_xlabel("iteration")
-    ax2.grid(alpha=0.3)
-    if ax2.lines:
-        ax2.legend(loc="lower right")
+    _plot_accuracy(ax2, parsed, window)
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -272,27 +290,27 @@ def plot_log(path: str | os.PathLike, out: str | os.PathLike, *, smooth: int | N
     return out
 
 
-# --- the command ---
+# --- the commands ---
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "parse_log")
     p.add_argument("log", help="training log (ours or real Caffe's)")
-    p.add_argument("outdir", nargs="?", default=None, help="folder for the CSVs (default: beside the log)")
+    outdir = inspect.signature(write_csvs).parameters["outdir"].default
+    p.add_argument("outdir", nargs="?", default=outdir, help="folder for the CSVs (default: beside the log)")
     p.set_defaults(func=run_parse_log)
 
     p = add_command(sub, "plot_log")
     p.add_argument("log", help="training log (ours or real Caffe's)")
     p.add_argument("-o", "--output", required=True, help="image to write (.png, .pdf, .svg)")
+    smooth = inspect.signature(plot_log).parameters["smooth"].default
     p.add_argument(
-        "--smooth", type=int, default=None, help="moving-average window in displays (default: n/40, at least 3)"
+        "--smooth", type=int, default=smooth, help="moving-average window in displays (default: n/40, at least 3)"
     )
     p.set_defaults(func=run_plot_log)
 
 
 def run_parse_log(args: argparse.Namespace) -> int:
-    from resnet_imagenet.tools.logs import write_csvs
-
     train_csv, test_csv, parsed = write_csvs(args.log, args.outdir)
     print(f"{train_csv}: {len(parsed.train)} rows")
     print(f"{test_csv}: {len(parsed.test)} rows")
@@ -300,7 +318,5 @@ def run_parse_log(args: argparse.Namespace) -> int:
 
 
 def run_plot_log(args: argparse.Namespace) -> int:
-    from resnet_imagenet.tools.logs import plot_log
-
     print(plot_log(args.log, args.output, smooth=args.smooth))
     return 0

@@ -10,6 +10,7 @@ outputs (Caffe's python/caffe/classifier.py oversample, the seed's Torch ten-cro
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools._flags import add_gpu_flag
 
 log = logging.getLogger(__name__)
 
@@ -107,44 +109,64 @@ def evaluate(
     return result
 
 
-def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> dict:
-    from resnet_imagenet.data.feed import DataFeed
-    from resnet_imagenet.net.net import load_net
-
-    rank, world, device = procs.rank, procs.world_size, procs.device
-    net = load_net(model, weights=weights, phase="test").to(device).eval()
+def _test_feed_layer(net, model) -> caffe_pb2.LayerParameter:
+    """The TEST phase's one Data or ImageData layer, which must have a label top."""
     feeds = [lp for lp in net.data_layers if lp.type in ("Data", "ImageData")]
     if len(feeds) != 1:
         raise ValueError(f"{model}: the TEST phase needs exactly one Data or ImageData layer, found {len(feeds)}")
-    layer = feeds[0]
-    blob = classifier_blob(net)
-    label_name = layer.top[1] if len(layer.top) > 1 else None
-    if label_name is None:
-        raise ValueError(f"{model}: data layer '{layer.name}' has no label top")
-    crop = layer.transform_param.crop_size
+    if len(feeds[0].top) < 2:
+        raise ValueError(f"{model}: data layer '{feeds[0].name}' has no label top")
+    return feeds[0]
+
+
+def _raw_images_layer(layer: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
+    """``layer`` feeding one whole image per batch, raw pixels: ten_crop applies crops, mean and scale itself."""
+    raw = caffe_pb2.LayerParameter()
+    raw.CopyFrom(layer)
+    raw.transform_param.Clear()
+    raw.transform_param.force_color = layer.transform_param.force_color
+    raw.transform_param.force_gray = layer.transform_param.force_gray
+    # one image per feed batch: images may differ in size (--min_dim 256 LMDBs); crops are batched later
+    (raw.data_param if raw.type == "Data" else raw.image_data_param).batch_size = 1
+    return raw
+
+
+def _batches(layer, procs, iterations: int | None, ten_crop: bool, num_workers: int, base: Path):
+    """The feed and its (images, labels) batches: every image once, or ``iterations`` batches (Caffe's cycling)."""
+    from resnet_imagenet.data.feed import DataFeed
+
+    tp, crop = layer.transform_param, layer.transform_param.crop_size
     batch_size = layer.data_param.batch_size if layer.type == "Data" else layer.image_data_param.batch_size
-    if ten_crop:
-        if not crop:
-            raise ValueError(f"{model}: --ten-crop needs transform_param.crop_size in layer '{layer.name}'")
-        raw = caffe_pb2.LayerParameter()
-        raw.CopyFrom(layer)
-        raw.transform_param.Clear()  # whole images, raw pixels: crops, mean and scale are applied here
-        raw.transform_param.force_color = layer.transform_param.force_color
-        raw.transform_param.force_gray = layer.transform_param.force_gray
-        # one image per feed batch: images may differ in size (--min_dim 256 LMDBs); crops are batched below
-        (raw.data_param if raw.type == "Data" else raw.image_data_param).batch_size = 1
-        layer = raw
-    base = Path(base_dir) if base_dir is not None else Path.cwd()
-    feed = DataFeed(layer, "test", rank=rank, world_size=world, num_workers=num_workers, device=device, base_dir=base)
-    tp = feeds[0].transform_param
-    tally = _Tally(device)
+    feed_layer = _raw_images_layer(layer) if ten_crop else layer
+    feed = DataFeed(
+        feed_layer,
+        "test",
+        rank=procs.rank,
+        world_size=procs.world_size,
+        num_workers=num_workers,
+        device=procs.device,
+        base_dir=base,
+    )
     per_batch = batch_size if ten_crop else 1
     batches = feed.epoch() if iterations is None else (feed.next() for _ in range(iterations * per_batch))
     if ten_crop:
-        mean = load_mean(tp, feed.channels, base, layer=feeds[0].name)
+        mean = load_mean(tp, feed.channels, base, layer=layer.name)
         mean = None if mean is None else torch.from_numpy(mean)
         batches = _ten_crop_batches(batches, batch_size, crop, mean, float(tp.scale))
-    data_name = feeds[0].top[0]
+    return feed, batches
+
+
+def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> dict:
+    from resnet_imagenet.net.net import load_net
+
+    net = load_net(model, weights=weights, phase="test").to(procs.device).eval()
+    layer = _test_feed_layer(net, model)
+    blob, data_name, label_name = classifier_blob(net), layer.top[0], layer.top[1]
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    if ten_crop and not layer.transform_param.crop_size:
+        raise ValueError(f"{model}: --ten-crop needs transform_param.crop_size in layer '{layer.name}'")
+    feed, batches = _batches(layer, procs, iterations, ten_crop, num_workers, base)
+    tally = _Tally(procs.device)
     with torch.inference_mode():
         for i, (x, label) in enumerate(batches):
             n = len(label)
@@ -155,40 +177,51 @@ def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir
                 b = tally.add(F.softmax(scores, dim=1).view(n, 10, -1).mean(1), label, probs=True)
             else:
                 b = tally.add(scores, label, probs=False)
-            if rank == 0 and on_batch is not None:
+            if procs.rank == 0 and on_batch is not None:
                 on_batch(i, _Tally.summary(b))
     feed.close()
     total = tally.t
-    if world > 1:
+    if procs.world_size > 1:
         torch.distributed.all_reduce(total)  # sums over the disjoint shares: every image once
     return _Tally.summary(total)
 
 
 # --- the command ---
 
+_EVALUATE = inspect.signature(evaluate).parameters
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "test")
     p.add_argument("--model", required=True, help="train_val prototxt (its TEST-phase data layer names the LMDB)")
     p.add_argument("--weights", required=True, help=".caffemodel")
-    p.add_argument("--iterations", type=int, default=None, help="batches to run (default: every image once)")
-    p.add_argument("--gpu", default=None, help="cpu, all, or GPU ids like 0,1,2,3 (one per process under torchrun; "
-                   "default: CPU)")  # fmt: skip
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=_EVALUATE["iterations"].default,
+        help="batches to run (default: every image once)",
+    )
+    add_gpu_flag(p, default="CPU")
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
-    p.add_argument("--workers", type=int, default=2, help="data loader processes (default 2)")
+    workers = _EVALUATE["num_workers"].default
+    p.add_argument("--workers", type=int, default=workers, help=f"data loader processes (default {workers})")
     p.set_defaults(func=run)
 
 
+def _log_batch(i: int, m: dict) -> None:
+    log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
+
+
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from resnet_imagenet.tools.test import evaluate
-
-    def on_batch(i: int, m: dict) -> None:
-        log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
-
-    r = evaluate(args.model, args.weights, iterations=args.iterations, gpu=args.gpu, ten_crop=args.ten_crop,
-                 num_workers=args.workers, on_batch=on_batch)  # fmt: skip
+    r = evaluate(
+        args.model,
+        args.weights,
+        iterations=args.iterations,
+        gpu=args.gpu,
+        ten_crop=args.ten_crop,
+        num_workers=args.workers,
+        on_batch=_log_batch,
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"images = {r['images']}{' (10 crops each)' if args.ten_crop else ''}")
         print(f"top-1 = {r['top-1']:.5f}")
