@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lmdb
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_imagenet.cli import build_parser
 from resnet_imagenet.cli import main as cli_main
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.feed import DataFeed
@@ -379,3 +381,17 @@ def test_resume_with_another_process_count_goes_on_from_the_global_position(tmp_
     assert torch.equal(randoms[2], torch.rand(4))
     for f in old:
         f.close()
+
+
+def test_train_flags_default_to_train_options():
+    args = build_parser("train").parse_args(["train", "--solver", "s.prototxt"])
+    assert {f.name: getattr(args, f.name) for f in fields(TrainOptions)} == asdict(TrainOptions(solver="s.prototxt"))
+    flags = ["--no-amp", "--no-channels-last", "--no-cudnn-benchmark", "--sync-bn", "--check", "--gpu", "cpu:2"]
+    args = build_parser("train").parse_args(["train", "--solver", "s", *flags, "--sigint-effect", "none"])
+    got = (args.amp, args.channels_last, args.cudnn_benchmark, args.sync_bn, args.check, args.gpu, args.sigint_effect)
+    assert got == (False, False, False, True, True, "cpu:2", "none")
+
+
+def test_train_help_imports_no_torch():
+    code = "import sys; from resnet_imagenet import cli; cli.build_parser('train'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
