@@ -1,4 +1,4 @@
-"""Caffe's lr policies and updates against values computed by hand from sgd_solver.cpp's formulas."""
+"""Caffe's updates (SGD, Nesterov, Adam) against values computed by hand from sgd_solver.cpp's formulas."""
 
 from __future__ import annotations
 
@@ -7,65 +7,11 @@ import torch
 
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import parse_text
-from resnet_imagenet.solver.solver import CaffeSolver, Learnable, learning_rate, multistep_count
+from resnet_imagenet.solver.solver import CaffeSolver, Learnable
 
 
 def solver(text: str) -> caffe_pb2.SolverParameter:
     return parse_text(text, caffe_pb2.SolverParameter())
-
-
-def schedule(text: str, n: int) -> list[float]:
-    sp = solver(text)
-    return [learning_rate(sp, it) for it in range(n)]
-
-
-def test_fixed():
-    assert schedule('lr_policy: "fixed" base_lr: 0.5', 4) == [0.5] * 4
-
-
-def test_step():
-    got = schedule('lr_policy: "step" base_lr: 0.1 gamma: 0.1 stepsize: 3', 10)
-    want = [0.1] * 3 + [0.01] * 3 + [0.001] * 3 + [0.0001]
-    assert got == pytest.approx(want, rel=1e-6)
-
-
-def test_exp():
-    got = schedule('lr_policy: "exp" base_lr: 1 gamma: 0.5', 5)
-    assert got == [1, 0.5, 0.25, 0.125, 0.0625]
-
-
-def test_inv():
-    sp = solver('lr_policy: "inv" base_lr: 0.01 gamma: 0.0001 power: 0.75')
-    assert learning_rate(sp, 0) == pytest.approx(0.01, rel=1e-6)
-    # (1 + 1e-4 * 10000) ^ -0.75 = 2 ^ -0.75 = 0.5946035575
-    assert learning_rate(sp, 10000) == pytest.approx(0.005946035575, rel=1e-6)
-    # (1 + 1e-4 * 30000) ^ -0.75 = 4 ^ -0.75 = 0.3535533906
-    assert learning_rate(sp, 30000) == pytest.approx(0.003535533906, rel=1e-6)
-
-
-def test_multistep_including_caffe_one_step_per_iteration():
-    got = schedule('lr_policy: "multistep" base_lr: 1 gamma: 0.5 stepvalue: 2 stepvalue: 5 stepvalue: 5', 9)
-    # caffe: the counter moves at most once per iteration, so the repeated 5 takes effect at 6
-    assert got == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.125, 0.125, 0.125]
-    # unsorted stepvalues: 4 is passed at 4, then 2 at the next iteration
-    assert [multistep_count([4, 2], it) for it in range(7)] == [0, 0, 0, 0, 1, 2, 2]
-
-
-def test_poly():
-    got = schedule('lr_policy: "poly" base_lr: 1 power: 2 max_iter: 4', 5)
-    assert got == [1, 0.5625, 0.25, 0.0625, 0]
-
-
-def test_sigmoid():
-    got = schedule('lr_policy: "sigmoid" base_lr: 1 gamma: 1 stepsize: 2', 5)
-    assert got == pytest.approx([0.1192029220, 0.2689414214, 0.5, 0.7310585786, 0.8807970780], rel=1e-9)
-
-
-def test_sigmoid_decays_with_negative_gamma_and_saturates_without_overflow():
-    got = schedule('lr_policy: "sigmoid" base_lr: 1 gamma: -1 stepsize: 2', 5)
-    assert got == pytest.approx([0.8807970780, 0.7310585786, 0.5, 0.2689414214, 0.1192029220], rel=1e-9)
-    far = solver('lr_policy: "sigmoid" base_lr: 1 gamma: 1 stepsize: 1000')
-    assert learning_rate(far, 0) == 0.0  # caffe: exp(1000) is inf, the rate 0
 
 
 @pytest.mark.parametrize(
@@ -204,3 +150,16 @@ def test_fp16_scaler_unscales_and_skips_an_overflowed_update(caplog):
     b.param.grad = torch.tensor([float("inf"), 1.0])
     s.apply_update(1, scaler)
     assert torch.equal(b.param, before) and scaler.get_scale() == 4.0
+
+
+def test_a_mismatched_state_is_refused_before_anything_is_copied():
+    s = CaffeSolver(
+        solver('lr_policy: "fixed" base_lr: 1 momentum: 0.9'), [Learnable(torch.zeros(2)), Learnable(torch.zeros(3))]
+    )
+    bad = {"type": "SGD", "history": [torch.ones(2), torch.ones(4)], "history2": []}
+    with pytest.raises(ValueError, match=r"history blob #1 has shape \(4,\), the net \(3,\)"):
+        s.check_state_dict(bad)
+    with pytest.raises(ValueError, match=r"history blob #1"):
+        s.load_state_dict(bad)
+    assert torch.equal(s.history[0], torch.zeros(2))  # blob #0 fitted, but nothing was copied
+    s.check_state_dict(s.state_dict())

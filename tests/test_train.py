@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import lmdb
@@ -14,10 +15,16 @@ import numpy as np
 import pytest
 import torch
 
+from resnet_imagenet.cli import build_parser
 from resnet_imagenet.cli import main as cli_main
 from resnet_imagenet.data.datum import encode_datum
+from resnet_imagenet.data.feed import DataFeed
 from resnet_imagenet.net.net import load_net
-from resnet_imagenet.train.trainer import TrainOptions, train
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import TEST, TRAIN, parse_text
+from resnet_imagenet.train.setup import Feeds
+from resnet_imagenet.train.snapshot import rng_state
+from resnet_imagenet.train.trainer import TrainOptions, load_rank_state, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -324,9 +331,6 @@ def test_final_test_scores_the_saved_snapshot(project, caplog):
     final = [ln for ln in lines if re.match(r"\s+Test net output #0: loss", ln)][-1]
     logged = float(re.search(r"loss = (\S+)", final).group(1))
     net = load_net("net.prototxt", weights="snap/tiny_iter_8.caffemodel", phase="test")
-    from resnet_imagenet.data.feed import DataFeed
-    from resnet_imagenet.proto.text import TEST
-
     feed = DataFeed(net.data_layers[0], TEST, num_workers=0)
     for _ in range(4):  # the passes at iterations 0 and 4 (test_initialization, test_interval 4) came first
         feed.next()
@@ -334,3 +338,60 @@ def test_final_test_scores_the_saved_snapshot(project, caplog):
         mean_loss = sum(net(*feed.next())["loss"].item() for _ in range(2)) / 2
     feed.close()
     assert mean_loss == pytest.approx(logged, rel=1e-5)
+
+
+ONE_LAYER = """name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { crop_size: 4 } data_param { source: "%s" batch_size: 4 backend: LMDB }"""
+
+
+def test_resume_with_another_process_count_goes_on_from_the_global_position(tmp_path, caplog):
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 22)
+    with env.begin(write=True) as txn:
+        for i in range(32):
+            txn.put(f"{i:08d}".encode(), encode_datum(np.full((6, 6, 3), i, np.uint8), i % 3))
+    env.close()
+    lp = parse_text(ONE_LAYER % (tmp_path / "db"), caffe_pb2.LayerParameter())
+
+    def feed(rank: int, world: int) -> DataFeed:
+        return DataFeed(lp, TRAIN, rank=rank, world_size=world, seed=7, num_workers=0)
+
+    old = [feed(r, 2) for r in range(2)]
+    for f in old:
+        for _ in range(3):  # 2 ranks x 3 batches x 4: 24 of the epoch's 32 samples taken
+            f.next()
+    state = {
+        "seed": 7,
+        "world_size": 2,
+        "train_feeds": [[f.state_dict()] for f in old],
+        "test_feeds": [],
+        "rng": [rng_state()] * 2,
+    }
+    randoms = []
+    for rank, world, index in ((0, 1, 24), (0, 4, 6), (1, 4, 6)):
+        new = feed(rank, world)
+        with caplog.at_level("WARNING"):
+            load_rank_state(state, Feeds([(new, ["data", "label"])]), rank=rank, world_size=world)
+        assert (new.state_dict()["epoch"], new.state_dict()["index"]) == (0, index)
+        assert "not those of an uninterrupted run" in caplog.text
+        randoms.append(torch.rand(4))
+        new.close()
+    torch.manual_seed(7)
+    assert torch.equal(randoms[1], torch.rand(4))  # rank r's streams start from seed + r, as in a fresh run
+    torch.manual_seed(8)
+    assert torch.equal(randoms[2], torch.rand(4))
+    for f in old:
+        f.close()
+
+
+def test_train_flags_default_to_train_options():
+    args = build_parser("train").parse_args(["train", "--solver", "s.prototxt"])
+    assert {f.name: getattr(args, f.name) for f in fields(TrainOptions)} == asdict(TrainOptions(solver="s.prototxt"))
+    flags = ["--no-amp", "--no-channels-last", "--no-cudnn-benchmark", "--sync-bn", "--check", "--gpu", "cpu:2"]
+    args = build_parser("train").parse_args(["train", "--solver", "s", *flags, "--sigint-effect", "none"])
+    got = (args.amp, args.channels_last, args.cudnn_benchmark, args.sync_bn, args.check, args.gpu, args.sigint_effect)
+    assert got == (False, False, False, True, True, "cpu:2", "none")
+
+
+def test_train_help_imports_no_torch():
+    code = "import sys; from resnet_imagenet import cli; cli.build_parser('train'); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))

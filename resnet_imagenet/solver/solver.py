@@ -1,16 +1,4 @@
-"""Caffe's solvers on torch tensors: learning-rate policies and the SGD / Nesterov / Adam updates.
-
-Learning-rate policies are pure functions of the iteration ``it`` (caffe: sgd_solver.cpp GetLearningRate):
-
-============  ==========================================================================
-fixed         base_lr
-step          base_lr * gamma ^ floor(it / stepsize)
-exp           base_lr * gamma ^ it
-inv           base_lr * (1 + gamma * it) ^ (-power)
-multistep     base_lr * gamma ^ (number of stepvalues passed, as Caffe's counter moves)
-poly          base_lr * (1 - it / max_iter) ^ power
-sigmoid       base_lr * 1 / (1 + exp(-gamma * (it - stepsize)))
-============  ==========================================================================
+"""Caffe's solvers on torch tensors: the SGD / Nesterov / Adam updates (learning rates: lr_policy.py).
 
 The update follows Caffe's SGDSolver::ApplyUpdate order: clip the (summed) gradients by their global
 L2 norm, then per blob divide by iter_size, add weight decay (L2: ``decay*w``; L1: ``decay*sign(w)``),
@@ -34,66 +22,18 @@ from dataclasses import dataclass
 import torch
 
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.solver.lr_policy import check_lr_policy, learning_rate
 
 log = logging.getLogger(__name__)
 
 SOLVER_TYPES = ("SGD", "Nesterov", "Adam")
-LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
-
-
-def multistep_count(stepvalues: Sequence[int], it: int) -> int:
-    """How many steps Caffe's multistep counter has taken when GetLearningRate is called at ``it``.
-
-    caffe: the counter moves by at most one per iteration, when ``it >= stepvalue[current_step]``;
-    this replays that exactly (also for unsorted stepvalues) in O(len(stepvalues)).
-    """
-    step, earliest = 0, 0
-    while step < len(stepvalues):
-        crossed = max(earliest, stepvalues[step])
-        if crossed > it:
-            break
-        step += 1
-        earliest = crossed + 1
-    return step
-
-
-def learning_rate(sp: caffe_pb2.SolverParameter, it: int) -> float:
-    """Caffe's learning rate at iteration ``it`` for the solver's lr_policy (see the module table)."""
-    policy, base = sp.lr_policy, sp.base_lr
-    if policy == "fixed":
-        return base
-    if policy == "step":
-        return base * sp.gamma ** (it // sp.stepsize)
-    if policy == "exp":
-        return base * sp.gamma**it
-    if policy == "inv":
-        return base * (1.0 + sp.gamma * it) ** (-sp.power)
-    if policy == "multistep":
-        return base * sp.gamma ** multistep_count(list(sp.stepvalue), it)
-    if policy == "poly":
-        return base * (1.0 - it / sp.max_iter) ** sp.power
-    if policy == "sigmoid":
-        z = -sp.gamma * (it - sp.stepsize)
-        # caffe computes exp in floating point: a huge z gives inf and a rate of 0, not an overflow error
-        return base / (1.0 + math.exp(z)) if z < 700 else 0.0
-    raise ValueError(f"unknown lr_policy {policy!r} (one of {', '.join(LR_POLICIES)})")
 
 
 def check_solver(sp: caffe_pb2.SolverParameter) -> None:
     """Raise ValueError for what Caffe would CHECK-fail on, before any work is done."""
     if sp.type not in SOLVER_TYPES:
         raise ValueError(f"solver type {sp.type!r} is not supported (supported: {', '.join(SOLVER_TYPES)})")
-    if not sp.HasField("lr_policy"):
-        raise ValueError("solver has no lr_policy (one of " + ", ".join(LR_POLICIES) + ")")
-    if sp.lr_policy not in LR_POLICIES:
-        raise ValueError(f"unknown lr_policy {sp.lr_policy!r} (one of {', '.join(LR_POLICIES)})")
-    if sp.lr_policy == "step" and sp.stepsize <= 0:
-        raise ValueError(f"lr_policy {sp.lr_policy!r} needs stepsize > 0")
-    # sigmoid decays only with a negative gamma, so it is not checked here (neither does Caffe)
-    if sp.lr_policy in ("step", "exp", "inv", "multistep") and sp.gamma < 0:
-        raise ValueError(f"lr_policy {sp.lr_policy!r} needs gamma >= 0")
-    if sp.lr_policy == "poly" and sp.max_iter <= 0:
-        raise ValueError("lr_policy 'poly' needs max_iter > 0")
+    check_lr_policy(sp)
     if sp.regularization_type not in ("L1", "L2"):
         raise ValueError(f"unknown regularization_type {sp.regularization_type!r} (L1 or L2)")
     if sp.iter_size < 1:
@@ -237,7 +177,8 @@ class CaffeSolver:
             "history2": [h.detach().cpu().clone() for h in self.history2],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError when ``state`` (a state_dict()) is for another solver type or other blobs."""
         if state["type"] != self.sp.type:
             raise ValueError(f"solverstate is for solver type {state['type']!r}, the solver says {self.sp.type!r}")
         for mine, theirs, what in (
@@ -252,6 +193,12 @@ class CaffeSolver:
                     raise ValueError(
                         f"solverstate {what} blob {name} has shape {tuple(s.shape)}, the net {tuple(h.shape)}"
                     )
+
+    def load_state_dict(self, state: dict) -> None:
+        """The history blobs of ``state`` (checked by check_state_dict first)."""
+        self.check_state_dict(state)
+        for mine, theirs in ((self.history, state["history"]), (self.history2, state["history2"])):
+            for h, s in zip(mine, theirs):
                 h.copy_(s)
 
 

@@ -1,15 +1,16 @@
-"""Caffe's training log: output lines, the smoothed loss, the test pass (tools/extra/parse_log.py reads them)."""
+"""Caffe's training log: number formats, output lines, the smoothed loss (tools/extra/parse_log.py reads them)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import time
 
 import torch
 
 from resnet_imagenet.net.net import CaffeNet
-from resnet_imagenet.train.setup import Feeds, net_inputs
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import to_text
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,19 @@ def log_outputs(net: CaffeNet, vec: list[float], counts: dict[str, int], what: s
             k += 1
 
 
+def log_nets(sp: caffe_pb2.SolverParameter, net_params: list[caffe_pb2.NetParameter], test: bool) -> None:
+    """caffe: Solver::InitTrainNet / InitTestNets' lines -- each net's source and resolved prototxt.
+
+    ``net_params``: the TRAIN net, then the TEST nets (logged when ``test``: the process that tests).
+    """
+    if sp.HasField("net") or sp.HasField("train_net"):
+        log.info("Creating training net from net file: %s", sp.net or sp.train_net)
+    log.info("Initializing net from parameters: \n%s", to_text(net_params[0]))
+    for i, np_ in enumerate(net_params[1:] if test else []):
+        log.info("Creating test net (#%d) specified by the solver", i)
+        log.info("Initializing net from parameters: \n%s", to_text(np_))
+
+
 class SmoothedLoss:
     """caffe: Solver::UpdateSmoothedLoss -- the mean of the last average_loss losses (saved in snapshots)."""
 
@@ -72,25 +86,30 @@ class SmoothedLoss:
         self.losses, self.smoothed, self.start_iter = list(d["losses"]), d["smoothed"], d["start_iter"]
 
 
-def run_test(
-    net: CaffeNet, feeds: Feeds, test_iter: int, *, it: int, index: int, compute_loss: bool,
-    stopped: Callable[[], bool],
-) -> None:  # fmt: skip
-    """caffe: Solver::Test -- the mean of every output over test_iter batches of TEST net #index, logged."""
-    log.info("Iteration %d, Testing net (#%d)", it, index)
-    scores, counts, loss = None, {}, 0.0
-    # fp32 even under AMP: bf16 logits tie often, and Caffe's Accuracy counts ties against the label
-    with torch.no_grad():
-        for _ in range(test_iter):
-            if stopped():
-                log.info("Test interrupted.")
-                return
-            out = net(**net_inputs(feeds))
-            vec, counts = flat_outputs(net, out)
-            scores = vec if scores is None else scores + vec
-            if compute_loss:
-                loss += float(net.loss(out))
-    if compute_loss:
-        log.info("Test loss: %s", g(loss / test_iter))
-    if scores is not None:
-        log_outputs(net, (scores / test_iter).tolist(), counts, "Test")
+class Display:
+    """caffe: Solver::Step's display every ``every`` iterations: the rate, the smoothed loss, the TRAIN outputs.
+
+    Ours after them: images per second and the ETA (``images`` per iteration over all processes).
+    """
+
+    def __init__(self, net: CaffeNet, every: int, max_iter: int, images: int):
+        self.net, self.every, self.max_iter, self.images = net, every, max_iter, images
+        self.start(0)
+
+    def start(self, it: int) -> None:
+        """Time the next display's rate from now and iteration ``it``."""
+        self.since, self.since_iter = time.time(), it
+
+    def due(self, it: int) -> bool:
+        return bool(self.every) and it % self.every == 0
+
+    def log(self, it: int, loss: float, outputs: list[float], counts: dict[str, int]) -> None:
+        """The display lines of iteration ``it`` (``outputs``: flat_outputs averaged over processes)."""
+        lapse = time.time() - self.since
+        per_s = (it - self.since_iter) / (lapse or 1)
+        log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", it, g(per_s), g(lapse), self.every, g(loss))
+        log_outputs(self.net, outputs, counts, "Train")
+        if it > self.since_iter:
+            eta = (self.max_iter - it) / per_s if per_s else float("inf")
+            log.info("    Speed: %.1f images/s (%d per iteration), ETA %s", per_s * self.images, self.images, hms(eta))
+        self.start(it)

@@ -1,15 +1,18 @@
 """Processes and devices for training: one code path for 1 or N processes launched by torchrun.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE; without them we are one process.
-The backend is gloo on CPU and nccl on GPU. Also Caffe-BatchNorm synchronised across processes
-(``--sync-bn``): batch statistics summed over all processes with an autograd-aware all_reduce.
+The backend is gloo on CPU and nccl on GPU. Also the GPU's precision (AMP, channels_last), and
+Caffe-BatchNorm synchronised across processes (``--sync-bn``): batch statistics summed over all
+processes with an autograd-aware all_reduce.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,38 @@ class Procs:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+@dataclass
+class Precision:
+    """How a GPU computes: AMP in bf16 (or fp16 with a gradient scaler), channels_last; the CPU: fp32, NCHW."""
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
+    scaler: torch.amp.GradScaler | None = None
+
+    @classmethod
+    def on(cls, device: torch.device, *, amp: bool, channels_last: bool, cudnn_benchmark: bool) -> Precision:
+        """The settings asked for, where ``device`` has them (sets cudnn.benchmark on a GPU)."""
+        if device.type != "cuda":
+            return cls()
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        dtype = None
+        if amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        return cls(dtype, channels_last, cudnn_benchmark, scaler)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The AMP context of a forward pass (nothing without AMP)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def __str__(self) -> str:
+        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[self.amp_dtype]
+        return f"AMP {amp}, channels_last {self.channels_last}, cudnn.benchmark {self.cudnn_benchmark}"
 
 
 def env_procs() -> tuple[int, int, int, int]:
@@ -94,6 +129,25 @@ def init_procs(gpu: str | None) -> Procs:
         kw = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=timeout, **kw)
     return procs
+
+
+def check_procs(gpu: str | None) -> Procs:
+    """The Procs of ``train --check``: --gpu validated for this machine's processes, no group joined, CPU."""
+    rank, _, world, local_world = env_procs()
+    return Procs(rank, 0, world, local_world, torch.device("cpu"), parse_gpus(gpu, local_world))
+
+
+def parallel(net: torch.nn.Module, procs: Procs) -> torch.nn.Module:
+    """``net`` as the training loop calls it: in DistributedDataParallel when there are several processes."""
+    if not procs.distributed:
+        return net
+    kw = {"device_ids": [procs.device]} if procs.device.type == "cuda" else {}
+    # Per-process BatchNorm statistics, as Caffe's P2PSync: buffers are not broadcast.
+    with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers but has no rank-local successor
+        warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            net, broadcast_buffers=False, gradient_as_bucket_view=True, **kw
+        )
 
 
 def close_procs(procs: Procs, clean: bool = True) -> None:

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from resnet_imagenet.data.feed import DataFeed
 from resnet_imagenet.net.net import CaffeNet
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import TEST, TRAIN, read_net
-from resnet_imagenet.solver.solver import Learnable
+from resnet_imagenet.proto.text import TEST, TRAIN, read_net, read_solver
+from resnet_imagenet.solver.solver import Learnable, check_solver
+from resnet_imagenet.train.dist import convert_sync_batchnorm
 
-Feeds = list[tuple[DataFeed, list[str]]]  # one (feed, tops of its data layer) per data layer of a net
+
+def load_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
+    """Read a solver prototxt and refuse, before any work, what training cannot run."""
+    sp = read_solver(path)
+    check_solver(sp)
+    if sp.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
+        raise ValueError("snapshot_format HDF5 is not supported; snapshots are BINARYPROTO")
+    if sp.max_iter <= 0:
+        raise ValueError(f"{path}: max_iter must be > 0")
+    return sp
 
 
 def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, list[caffe_pb2.NetParameter]]:
@@ -46,6 +58,39 @@ def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, 
     return train, out
 
 
+def build_nets(
+    train_param: caffe_pb2.NetParameter,
+    test_params: list[caffe_pb2.NetParameter],
+    *,
+    device: torch.device,
+    channels_last: bool,
+    weights: str | None = None,
+    resume: str | os.PathLike | None = None,
+    sync_bn: bool = False,
+) -> tuple[CaffeNet, list[CaffeNet]]:
+    """The TRAIN net and the TEST nets (pass no test_params where this process does not test), on ``device``.
+
+    ``weights`` (comma-separated .caffemodels) fine-tunes both; ``resume`` is a snapshot's caffemodel.
+    """
+    net = CaffeNet(train_param, TRAIN)
+    if not net.loss_weights:
+        raise ValueError("the TRAIN net has no loss (no *Loss layer or loss_weight)")
+    test_nets = [CaffeNet(tp, TEST) for tp in test_params]
+    if weights:
+        net.load_caffemodel(weights)
+    if resume:
+        net.load_caffemodel(resume)
+    if sync_bn:
+        convert_sync_batchnorm(net)
+    net.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    for t in test_nets:
+        share_weights(t, net)
+        if weights:  # caffe: -weights reaches the test nets' own layers too
+            t.load_caffemodel(weights)
+        t.to(device).eval()  # caffe: TEST phase -- BatchNorm uses the global statistics
+    return net, test_nets
+
+
 def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
     """caffe: Net::ShareTrainedLayersWith -- the TEST net's blobs become the TRAIN net's, by layer name."""
     source = dict(train_net.layers.items())
@@ -67,21 +112,70 @@ def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
                 m._buffers[attr] = theirs
 
 
+class Feeds:
+    """The DataFeeds of one net, one per data layer, each with the tops it fills; saves and restores its positions."""
+
+    def __init__(self, feeds: list[tuple[DataFeed, list[str]]]):
+        self.feeds = feeds
+
+    @property
+    def batch_size(self) -> int:
+        """Images per batch, over all the net's data layers."""
+        return sum(f.batch_size for f, _ in self.feeds)
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch of every feed, by top name (data, and label when the layer has a second top)."""
+        out = {}
+        for feed, tops in self.feeds:
+            data, label = feed.next()
+            out[tops[0]] = data
+            if len(tops) > 1:
+                out[tops[1]] = label
+        return out
+
+    def state_dict(self) -> list[dict]:
+        """Each feed's position (DataFeed.state_dict), in layer order."""
+        return [f.state_dict() for f, _ in self.feeds]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for (feed, _), s in zip(self.feeds, states):
+            feed.load_state_dict(s)
+
+    def close(self) -> None:
+        for feed, _ in self.feeds:
+            feed.close()
+
+
 def build_feeds(
-    net: CaffeNet, phase: int, *, rank: int, world: int, seed: int, workers: int, device: torch.device,
+    net: CaffeNet,
+    phase: int,
+    *,
+    rank: int,
+    world: int,
+    seed: int,
+    workers: int,
+    device: torch.device,
     channels_last: bool,
-) -> Feeds:  # fmt: skip
+) -> Feeds:
     """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on."""
     out = []
     for lp in net.data_layers:
         if lp.type not in ("Data", "ImageData"):
             raise ValueError(f"layer '{lp.name}': a {lp.type} layer has no data to train on; use a Data layer (LMDB)")
-        feed = DataFeed(lp, phase, rank=rank, world_size=world, seed=seed, num_workers=workers, device=device,
-                        channels_last=channels_last)  # fmt: skip
+        feed = DataFeed(
+            lp,
+            phase,
+            rank=rank,
+            world_size=world,
+            seed=seed,
+            num_workers=workers,
+            device=device,
+            channels_last=channels_last,
+        )
         out.append((feed, list(lp.top)))
     if not out:
         raise ValueError(f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no Data or ImageData layer")
-    return out
+    return Feeds(out)
 
 
 def learnables(net: CaffeNet) -> list[Learnable]:
@@ -93,14 +187,3 @@ def learnables(net: CaffeNet) -> list[Learnable]:
     for x in seen.values():
         x.param.requires_grad_(x.lr_mult != 0)
     return list(seen.values())
-
-
-def net_inputs(feeds: Feeds) -> dict[str, torch.Tensor]:
-    """The next batch of every feed, by top name (data, and label when the layer has a second top)."""
-    out = {}
-    for feed, tops in feeds:
-        data, label = feed.next()
-        out[tops[0]] = data
-        if len(tops) > 1:
-            out[tops[1]] = label
-    return out

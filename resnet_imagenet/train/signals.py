@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 
 NONE, SNAPSHOT, STOP = 0, 1, 2
-EFFECTS = {"none": NONE, "snapshot": SNAPSHOT, "stop": STOP}
+EFFECTS = {"stop": STOP, "snapshot": SNAPSHOT, "none": NONE}  # --sigint-effect / --sighup-effect values
 
 
 class Signals:

@@ -4,8 +4,9 @@ The solverstate is a torch file that ``torch.load(weights_only=True)`` reads: th
 solver's history blobs, the random generators of every rank, the data feeds' positions and the
 display window, i.e. everything an exact resume needs. It names its caffemodel by file name
 (caffe: SolverState.learned_net), resolved beside the solverstate, so a moved snapshot folder works.
-Both files are written by rank 0 through a temporary name and a rename (resnet_imagenet.fileio):
-a kill at any moment leaves the previous snapshot pair intact.
+Both files are written by rank 0 through a temporary name and a rename (resnet_imagenet.util.atomic):
+a kill at any moment leaves the previous snapshot pair intact. What goes into the state is the
+trainer's (Trainer.state_dict); this module writes, reads and names the files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import io
 import logging
 import os
 import random
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back the generators rng_state() captured (CUDA's: all devices when the count matches, else the current)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state(
@@ -127,55 +128,3 @@ def load_solverstate(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
     if not model.is_file():
         raise FileNotFoundError(f"{path}: its weights {model} are missing")
     return state, model
-
-
-# --- the trainer's state ------------------------------------------------------------------------
-
-
-def local_state(train_feeds: Sequence[Any]) -> dict[str, Any]:
-    """This rank's part of a snapshot: its random generators and its TRAIN feeds' positions."""
-    return {"rng": rng_state(), "feeds": [f.state_dict() for f in train_feeds]}
-
-
-def trainer_state(
-    *, seed: int, per_rank: list[dict[str, Any]], solver: Any, test_feeds: Sequence[Sequence[Any]],
-    smoothing: dict[str, Any], scaler: torch.amp.GradScaler | None,
-) -> dict[str, Any]:  # fmt: skip
-    """The solverstate's content (beside iter and learned_net): ``per_rank`` is local_state() of every rank."""
-    return {
-        "seed": seed,
-        "world_size": len(per_rank),
-        "solver": solver.state_dict(),
-        "rng": [x["rng"] for x in per_rank],
-        "train_feeds": [x["feeds"] for x in per_rank],
-        "test_feeds": [[f.state_dict() for f in feeds] for feeds in test_feeds],
-        "smoothing": smoothing,
-        "scaler": scaler.state_dict() if scaler is not None else {},
-    }
-
-
-def restore(
-    state: dict[str, Any], *, rank: int, world_size: int, train_feeds: Sequence[Any],
-    test_feeds: Sequence[Sequence[Any]],
-) -> None:  # fmt: skip
-    """This rank's feed positions and random generators from a solverstate.
-
-    With another process count the run goes on from the same epoch and the same share of it: the
-    samples the old ranks took in the current epoch (position x old world size) are split over the new
-    ranks, and each rank's random streams start from (seed, rank) as in a fresh run. That is not
-    bit-exact with an uninterrupted run, so it is warned about.
-    """
-    old = state["world_size"]
-    for feeds, saved in zip(test_feeds, state["test_feeds"]):  # rank 0 tests alone: always one process
-        for feed, fs in zip(feeds, saved):
-            feed.load_state_dict(fs)
-    if old == world_size:
-        for feed, fs in zip(train_feeds, state["train_feeds"][rank]):
-            feed.load_state_dict(fs)
-        set_rng_state(state["rng"][rank])
-        return
-    log.warning("resuming %d processes from a snapshot of %d: the data order and random streams are not "
-                "those of an uninterrupted run", world_size, old)  # fmt: skip
-    for feed, fs in zip(train_feeds, state["train_feeds"][0]):  # every old rank took the same number of samples
-        feed.load_state_dict({**fs, "index": int(fs["index"]) * old // world_size})
-    torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank

@@ -5,7 +5,8 @@ passes whose gradients accumulate (averaged across processes), the smoothed loss
 ApplyUpdate (resnet_imagenet.solver), ++iter, snapshot every ``snapshot`` iterations or on a signal.
 SIGINT snapshots and stops, SIGHUP snapshots and goes on (Caffe's -sigint_effect / -sighup_effect
 defaults); a NaN or inf loss stops with a message naming the iteration and keeps the last snapshot.
-The log lines are Caffe's, so tools/extra/parse_log.py reads our logs.
+The log lines are Caffe's, so tools/extra/parse_log.py reads our logs. The trainer's state (the
+solverstate's content) is the dict of its parts' state_dict()s; snapshot.py writes and reads the files.
 """
 
 from __future__ import annotations
@@ -15,53 +16,34 @@ import gc
 import logging
 import math
 import os
-import time
-import warnings
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from resnet_imagenet.net.net import CaffeNet
-from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import TEST, TRAIN, read_solver, to_text
-from resnet_imagenet.solver.solver import CaffeSolver, check_solver
+from resnet_imagenet.proto.text import TEST, TRAIN, to_text
+from resnet_imagenet.solver.solver import CaffeSolver
 from resnet_imagenet.train import dist as D
-from resnet_imagenet.train.display import SmoothedLoss, flat_outputs, g, hms, log_outputs, run_test
-from resnet_imagenet.train.setup import Feeds, build_feeds, learnables, net_inputs, share_weights, solver_nets
+from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
+from resnet_imagenet.train.options import TrainOptions
+from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
 from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
 from resnet_imagenet.train.snapshot import (
     SnapshotError,
     load_solverstate,
-    local_state,
     resolve_snapshot_prefix,
-    restore,
+    rng_state,
     save_snapshot,
+    set_rng_state,
     snapshot_paths,
-    trainer_state,
 )
+from resnet_imagenet.train.testpass import test_all
 
 log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf; the message names the iteration and the last good snapshot."""
-
-
-@dataclass
-class TrainOptions:
-    solver: str
-    snapshot: str | None = None  # a .solverstate to resume from
-    weights: str | None = None  # .caffemodel(s) to fine-tune from, comma separated
-    gpu: str | None = None  # cpu, cpu:N, all, or ids "0,1"; None: GPUs when present
-    amp: bool = True
-    channels_last: bool = True
-    cudnn_benchmark: bool = True
-    sync_bn: bool = False
-    workers: int | None = None
-    sigint_effect: str = "stop"
-    sighup_effect: str = "snapshot"
-    check: bool = False  # validate everything, then exit before training
 
 
 class Trainer:
@@ -71,79 +53,58 @@ class Trainer:
         self.opts = opts
         if opts.snapshot and opts.weights:
             raise ValueError("give --snapshot (resume) or --weights (fine-tune), not both")
-        sp = read_solver(opts.solver)
-        check_solver(sp)
-        if sp.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
-            raise ValueError("snapshot_format HDF5 is not supported; snapshots are BINARYPROTO")
-        if sp.max_iter <= 0:
-            raise ValueError(f"{opts.solver}: max_iter must be > 0")
-        self.sp = sp
+        self.sp = sp = load_solver(opts.solver)
         self.prefix = resolve_snapshot_prefix(sp, opts.solver)
         gpu = opts.gpu if opts.gpu is not None or sp.solver_mode == sp.GPU else "cpu"
-        if opts.check:  # validate --gpu without joining a process group
-            rank, _, world, local_world = D.env_procs()
-            self.procs = D.Procs(rank, 0, world, local_world, torch.device("cpu"), D.parse_gpus(gpu, local_world))
-        else:
-            self.procs = D.init_procs(gpu)
-        P, dev = self.procs, self.procs.device
-        self.amp_dtype = None
-        if dev.type == "cuda":
-            torch.backends.cudnn.benchmark = opts.cudnn_benchmark
-            if opts.amp:
-                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.channels_last = opts.channels_last and dev.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.procs = P = D.check_procs(gpu) if opts.check else D.init_procs(gpu)
+        self.prec = D.Precision.on(
+            P.device, amp=opts.amp, channels_last=opts.channels_last, cudnn_benchmark=opts.cudnn_benchmark
+        )
         # Resume state first: its seed drives the data order.
-        self.state = None
-        if opts.snapshot:
-            self.state, self.resume_model = load_solverstate(opts.snapshot)
-        seed = sp.random_seed if sp.random_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
-        self.seed = self.state["seed"] if self.state else D.broadcast_int(seed, P) if not opts.check else seed
+        state, resume_model = load_solverstate(opts.snapshot) if opts.snapshot else (None, None)
+        self.seed = self._seed(state)
         torch.manual_seed(self.seed)  # caffe: Caffe::set_random_seed -- the same initial weights everywhere
         train_param, test_params = solver_nets(sp)
         self.net_params = [train_param] + test_params
-        self.net = CaffeNet(train_param, TRAIN)
-        if not self.net.loss_weights:
-            raise ValueError("the TRAIN net has no loss (no *Loss layer or loss_weight)")
-        self.test_nets: list[CaffeNet] = []
-        if P.rank == 0:
-            for tp in test_params:
-                self.test_nets.append(CaffeNet(tp, TEST))
-        if opts.weights:
-            self.net.load_caffemodel(opts.weights)
-        if self.state:
-            self.net.load_caffemodel(self.resume_model)
-        if opts.sync_bn:
-            D.convert_sync_batchnorm(self.net)
-        self.net.to(dev, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        for t in self.test_nets:
-            share_weights(t, self.net)
-            if opts.weights:  # caffe: -weights reaches the test nets' own layers too
-                t.load_caffemodel(opts.weights)
-            t.to(dev).eval()  # caffe: TEST phase -- BatchNorm uses the global statistics
-        workers = opts.workers
-        if workers is None:
-            workers = max(1, min(8, (os.cpu_count() or 2) // P.local_world_size - 1))
-        kw = {"seed": self.seed, "workers": workers, "device": dev, "channels_last": self.channels_last}
-        self.feeds: Feeds = build_feeds(self.net, TRAIN, rank=P.rank, world=P.world_size, **kw)
-        self.test_feeds: list[Feeds] = [build_feeds(t, TEST, rank=0, world=1, **kw) for t in self.test_nets]
+        self.net, self.test_nets = build_nets(
+            train_param,
+            test_params if P.rank == 0 else [],
+            device=P.device,
+            channels_last=self.prec.channels_last,
+            weights=opts.weights,
+            resume=resume_model,
+            sync_bn=opts.sync_bn,
+        )
+        self._build_feeds()
         self.solver = CaffeSolver(sp, learnables(self.net))
-        if self.state:
-            self.solver.load_state_dict(self.state["solver"])  # a net/solverstate mismatch fails here, early
-        self.model: torch.nn.Module = self.net
-        if P.distributed and not opts.check:
-            kw = {"device_ids": [dev]} if dev.type == "cuda" else {}
-            # Per-process BatchNorm statistics, as Caffe's P2PSync: buffers are not broadcast.
-            with warnings.catch_warnings():  # torch 2.14 deprecates broadcast_buffers but has no rank-local successor
-                warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
-                self.model = torch.nn.parallel.DistributedDataParallel(
-                    self.net, broadcast_buffers=False, gradient_as_bucket_view=True, **kw
-                )
+        if state is not None:
+            self.solver.check_state_dict(state["solver"])  # a net/solverstate mismatch fails here, early
+        self._resume = state  # restored by solve(), as Caffe's Solve calls Restore
+        self.model = self.net if opts.check else D.parallel(self.net, P)
         self.iter = 0
         self.loss = SmoothedLoss(sp.average_loss)
-        self.last_snapshot: str | None = None
+        self.display = Display(self.net, sp.display, sp.max_iter, self.feeds.batch_size * sp.iter_size * P.world_size)
+        self.last_snapshot: str | None = opts.snapshot  # the last snapshot written or resumed from
         self.snapshot_iter = -1  # the iteration of the last snapshot written (or resumed from)
         self.early_exit = False
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _seed(self, state: dict[str, Any] | None) -> int:
+        """The resumed run's seed, else random_seed; unset (-1), rank 0 draws one for every rank."""
+        if state is not None:
+            return state["seed"]
+        sp = self.sp
+        seed = sp.random_seed if sp.random_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
+        return seed if self.opts.check else D.broadcast_int(seed, self.procs)
+
+    def _build_feeds(self) -> None:
+        P, workers = self.procs, self.opts.workers
+        if workers is None:
+            workers = max(1, min(8, (os.cpu_count() or 2) // P.local_world_size - 1))
+        kw = {"seed": self.seed, "workers": workers, "device": P.device, "channels_last": self.prec.channels_last}
+        self.feeds: Feeds = build_feeds(self.net, TRAIN, rank=P.rank, world=P.world_size, **kw)
+        self.test_feeds: list[Feeds] = [build_feeds(t, TEST, rank=0, world=1, **kw) for t in self.test_nets]
 
     def _log_setup(self) -> None:
         """What Caffe logs while it sets up: the resolved solver, the nets, the devices, the starting point."""
@@ -154,50 +115,59 @@ class Trainer:
         else:
             log.info("Using GPUs %s", ", ".join(str(i) for i in self.procs.gpu_ids))
             log.info("GPU %d: %s", dev.index, torch.cuda.get_device_name(dev))
-            amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[self.amp_dtype]
-            log.info("AMP %s, channels_last %s, cudnn.benchmark %s", amp, self.channels_last, opts.cudnn_benchmark)
-        log.info("%d process(es), batch %d per process, random seed %d", self.procs.world_size,
-                 sum(f.batch_size for f, _ in self.feeds), self.seed)  # fmt: skip
-        for i, np_ in enumerate(self.net_params):
-            if i == 0:
-                if self.sp.HasField("net") or self.sp.HasField("train_net"):
-                    log.info("Creating training net from net file: %s", self.sp.net or self.sp.train_net)
-                log.info("Initializing net from parameters: \n%s", to_text(np_))
-            elif self.procs.rank == 0:
-                log.info("Creating test net (#%d) specified by the solver", i - 1)
-                log.info("Initializing net from parameters: \n%s", to_text(np_))
+            log.info("%s", self.prec)
+        batch = self.feeds.batch_size
+        log.info("%d process(es), batch %d per process, random seed %d", self.procs.world_size, batch, self.seed)
+        log_nets(self.sp, self.net_params, test=self.procs.rank == 0)
         if opts.sync_bn:
             log.info("BatchNorm statistics are synchronised across processes")
         if opts.weights:
             log.info("Finetuning from %s", opts.weights)
-        if self.state:
+        if opts.snapshot:
             log.info("Restoring previous solver status from %s", opts.snapshot)
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _restore(self) -> None:
-        st, P = self.state, self.procs
-        self.iter = int(st["iter"])
-        self.loss.load_state_dict(st["smoothing"])
-        if self.scaler is not None and st.get("scaler"):
-            self.scaler.load_state_dict(st["scaler"])
-        test_feeds = [[f for f, _ in feeds] for feeds in self.test_feeds]
-        restore(st, rank=P.rank, world_size=P.world_size, train_feeds=[f for f, _ in self.feeds], test_feeds=test_feeds)
-        self.last_snapshot = self.opts.snapshot
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's part of a snapshot: its random generators and its TRAIN feeds' positions."""
+        return {"rng": rng_state(), "feeds": self.feeds.state_dict()}
+
+    def state_dict(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        """The solverstate's content beside iter and learned_net: each part's own state_dict().
+
+        ``per_rank`` holds every rank's _rank_state(), gathered on rank 0, which writes the snapshot.
+        """
+        return {
+            "seed": self.seed,
+            "world_size": len(per_rank),
+            "solver": self.solver.state_dict(),
+            "rng": [x["rng"] for x in per_rank],
+            "train_feeds": [x["feeds"] for x in per_rank],
+            "test_feeds": [feeds.state_dict() for feeds in self.test_feeds],
+            "smoothing": self.loss.state_dict(),
+            "scaler": self.prec.scaler.state_dict() if self.prec.scaler is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """caffe: Solver::Restore -- each part from its entry; this rank's share through load_rank_state."""
+        self.iter = int(state["iter"])
+        self.solver.load_state_dict(state["solver"])
+        self.loss.load_state_dict(state["smoothing"])
+        if self.prec.scaler is not None and state.get("scaler"):
+            self.prec.scaler.load_state_dict(state["scaler"])
+        for feeds, saved in zip(self.test_feeds, state["test_feeds"]):  # rank 0 tests alone: always one process
+            feeds.load_state_dict(saved)
+        load_rank_state(state, self.feeds, rank=self.procs.rank, world_size=self.procs.world_size)
         self.snapshot_iter = self.iter
 
     def snapshot(self) -> None:
         """caffe: Solver::Snapshot -- every rank gives its RNG and data position; rank 0 writes."""
         self.snapshot_iter = self.iter  # on every rank: solve() decides on it collectively
-        per_rank = D.gather_objects(local_state([f for f, _ in self.feeds]), self.procs)
+        per_rank = D.gather_objects(self._rank_state(), self.procs)
         error = None
         if self.procs.rank == 0:
             try:
-                state = trainer_state(
-                    seed=self.seed, per_rank=per_rank, solver=self.solver, smoothing=self.loss.state_dict(),
-                    test_feeds=[[f for f, _ in feeds] for feeds in self.test_feeds], scaler=self.scaler,
-                )  # fmt: skip
-                _, state_path = save_snapshot(self.net, state, self.prefix, self.iter)
+                _, state_path = save_snapshot(self.net, self.state_dict(per_rank), self.prefix, self.iter)
                 self.last_snapshot = str(state_path)
             except Exception as e:  # anything: the other ranks must hear of it, not wait at the next collective
                 error = e
@@ -212,72 +182,63 @@ class Trainer:
 
     # -- passes --------------------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def _test_all(self) -> None:
-        """caffe: Solver::TestAll -- rank 0 scores every TEST net; a STOP signal interrupts."""
-        for i, (net, feeds) in enumerate(zip(self.test_nets, self.test_feeds)):
-            run_test(net, feeds, self.sp.test_iter[i], it=self.iter, index=i, compute_loss=self.sp.test_compute_loss,
-                     stopped=lambda: self.signals.pending == STOP)  # fmt: skip
-
     def _reduce(self, values: torch.Tensor) -> list[float]:
         """Sum over processes (one small all_reduce per iteration carries loss, outputs and signals)."""
         if self.procs.distributed:
             dist.all_reduce(values)
         return values.tolist()
 
+    def _test_all(self) -> None:
+        """Rank 0 scores every TEST net (testpass.test_all); a STOP signal interrupts."""
+        test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.pending == STOP)
+
+    def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """iter_size passes whose gradients accumulate (DDP syncs on the last). Returns (mean loss [1], outputs)."""
+        iter_size, P = self.sp.iter_size, self.procs
+        self.net.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), device=P.device)
+        for k in range(iter_size):
+            sync = k == iter_size - 1 or not P.distributed
+            with self.model.no_sync() if not sync else contextlib.nullcontext():
+                with self.prec.autocast():
+                    out = self.model(**self.feeds.next())
+                    loss = self.net.loss(out)
+                if loss.requires_grad:
+                    (self.prec.scaler.scale(loss) if self.prec.scaler is not None else loss).backward()
+            loss_sum += loss.detach()
+        return loss_sum.reshape(1) / iter_size, out
+
+    def _update_loss(self, loss: float) -> None:
+        """caffe: UpdateSmoothedLoss; a NaN or inf loss stops training instead (TrainingDiverged)."""
+        if not math.isfinite(loss):
+            msg = (
+                f"Iteration {self.iter}, loss = {g(loss)}: the loss is not finite, stopping; "
+                f"last good snapshot: {self.last_snapshot or 'none'}"
+            )
+            log.error(msg)
+            raise TrainingDiverged(msg)
+        self.loss.update(loss, self.iter)
+
     def step(self) -> None:
         """Caffe's Step loop up to max_iter (see the module docstring)."""
         sp, P = self.sp, self.procs
-        iter_size, world = sp.iter_size, P.world_size
-        images = sum(f.batch_size for f, _ in self.feeds) * iter_size * world
-        timer, iter_last = time.time(), self.iter
+        self.display.start(self.iter)
         while self.iter < sp.max_iter:
             if sp.test_interval and self.iter % sp.test_interval == 0 and (self.iter > 0 or sp.test_initialization):
                 if P.rank == 0:
                     self._test_all()
-            display = bool(sp.display) and self.iter % sp.display == 0
-            self.net.zero_grad(set_to_none=False)
-            loss_sum = torch.zeros((), device=P.device)
-            for k in range(iter_size):
-                sync = k == iter_size - 1 or not P.distributed
-                with self.model.no_sync() if not sync else contextlib.nullcontext():
-                    with self._autocast():
-                        out = self.model(**net_inputs(self.feeds))
-                        loss = self.net.loss(out)
-                    if loss.requires_grad:
-                        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-                loss_sum += loss.detach()
+            display = self.display.due(self.iter)
+            loss, out = self._forward_backward()
             pending = self.signals.take()
-            parts = [
-                loss_sum.reshape(1) / iter_size,
-                torch.tensor([pending == SNAPSHOT, pending == STOP], device=P.device),
-            ]
+            parts = [loss, torch.tensor([pending == SNAPSHOT, pending == STOP], device=P.device)]
             if display:
                 vec, counts = flat_outputs(self.net, out)
                 parts.append(vec)
             red = self._reduce(torch.cat([p.float() for p in parts]))
-            loss_value = red[0] / world
-            if not math.isfinite(loss_value):
-                msg = (f"Iteration {self.iter}, loss = {g(loss_value)}: the loss is not finite, stopping; "
-                       f"last good snapshot: {self.last_snapshot or 'none'}")  # fmt: skip
-                log.error(msg)
-                raise TrainingDiverged(msg)
-            self.loss.update(loss_value, self.iter)
+            self._update_loss(red[0] / P.world_size)
             if display:
-                lapse = time.time() - timer
-                per_s = (self.iter - iter_last) / (lapse or 1)
-                log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s",
-                         self.iter, g(per_s), g(lapse), sp.display, g(self.loss.smoothed))  # fmt: skip
-                log_outputs(self.net, [v / world for v in red[3:]], counts, "Train")
-                if self.iter > iter_last:
-                    eta = (sp.max_iter - self.iter) / per_s if per_s else float("inf")
-                    log.info("    Speed: %.1f images/s (%d per iteration), ETA %s", per_s * images, images, hms(eta))
-                timer, iter_last = time.time(), self.iter
-            self.solver.apply_update(self.iter, self.scaler, display=display)
+                self.display.log(self.iter, self.loss.smoothed, [v / P.world_size for v in red[3:]], counts)
+            self.solver.apply_update(self.iter, self.prec.scaler, display=display)
             self.iter += 1
             action = (SNAPSHOT if red[1] > 0 else NONE) if red[2] == 0 else STOP
             # caffe: Solver::Step snapshots periodically or on a SNAPSHOT request; a STOP's snapshot
@@ -288,11 +249,23 @@ class Trainer:
                 self.early_exit = True
                 break
 
+    def _last_display(self) -> None:
+        """caffe: Solve's extra TRAIN forward for the last display. Unlike Caffe we keep its BatchNorm
+        statistics out of the net, so the final test scores the saved snapshot."""
+        saved = [b.clone() for b in self.net.buffers()]
+        with torch.no_grad(), self.prec.autocast():
+            loss = self.net.loss(self.model(**self.feeds.next())).reshape(1)
+            for b, old in zip(self.net.buffers(), saved):
+                b.copy_(old)
+        self.loss.update(self._reduce(loss.float())[0] / self.procs.world_size, self.iter)
+        log.info("Iteration %d, loss = %s", self.iter, g(self.loss.smoothed))
+
     def solve(self) -> None:
-        """caffe: Solver::Solve -- Step to max_iter, snapshot at the end, a final display and test."""
+        """caffe: Solver::Solve -- restore, Step to max_iter, snapshot at the end, a final display and test."""
         sp, P = self.sp, self.procs
-        if self.state:
-            self._restore()
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            self.load_state_dict(state)
         else:
             # different random streams per process (dropout), the same data order everywhere
             torch.manual_seed(self.seed + P.rank)
@@ -306,29 +279,45 @@ class Trainer:
             if self.early_exit:
                 log.info("Optimization stopped early.")
                 return
-            if sp.display and self.iter % sp.display == 0:
-                # caffe: Solve's extra TRAIN forward for the last display. Unlike Caffe we keep its
-                # BatchNorm statistics out of the net, so the final test scores the saved snapshot.
-                saved = [b.clone() for b in self.net.buffers()]
-                with torch.no_grad(), self._autocast():
-                    loss = self.net.loss(self.model(**net_inputs(self.feeds))).reshape(1)
-                    for b, old in zip(self.net.buffers(), saved):
-                        b.copy_(old)
-                loss_value = self._reduce(loss.float())[0] / P.world_size
-                self.loss.update(loss_value, self.iter)
-                log.info("Iteration %d, loss = %s", self.iter, g(self.loss.smoothed))
+            if self.display.due(self.iter):
+                self._last_display()
             if sp.test_interval and self.iter % sp.test_interval == 0 and P.rank == 0:
                 self._test_all()
         log.info("Optimization Done.")
 
     def close(self, clean: bool = True) -> None:
-        for feed, _ in self.feeds + [f for feeds in self.test_feeds for f in feeds]:
-            feed.close()
+        """Stop the feeds; leave the process group (waiting for the others first after a ``clean`` run)."""
+        for feeds in [self.feeds, *self.test_feeds]:
+            feeds.close()
         if not self.opts.check:
             # Drop DDP (its reducer holds the process group) before the group goes, not at interpreter exit
             self.model = None
             gc.collect()
             D.close_procs(self.procs, clean)
+
+
+def load_rank_state(state: dict[str, Any], feeds: Feeds, *, rank: int, world_size: int) -> None:
+    """This rank's TRAIN feed positions and random generators from a solverstate.
+
+    With another process count the run goes on from the same epoch and the same share of it: the
+    samples the old ranks took in the current epoch (position x old world size) are split over the new
+    ranks, and each rank's random streams start from (seed, rank) as in a fresh run. That is not
+    bit-exact with an uninterrupted run, so it is warned about.
+    """
+    old = state["world_size"]
+    if old == world_size:
+        feeds.load_state_dict(state["train_feeds"][rank])
+        set_rng_state(state["rng"][rank])
+        return
+    log.warning(
+        "resuming %d processes from a snapshot of %d: the data order and random streams are not "
+        "those of an uninterrupted run",
+        world_size,
+        old,
+    )
+    # every old rank took the same number of samples
+    feeds.load_state_dict([{**fs, "index": int(fs["index"]) * old // world_size} for fs in state["train_feeds"][0]])
+    torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank
 
 
 def train(opts: TrainOptions) -> int:

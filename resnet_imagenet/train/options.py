@@ -1,0 +1,26 @@
+"""What ``resnet-imagenet train`` is given beside the solver prototxt (the flags of tools/train.py read these defaults).
+
+Torch-free, so that ``resnet-imagenet train --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainOptions:
+    """One training run: the solver prototxt and the few run knobs (the prototxt is the config)."""
+
+    solver: str
+    snapshot: str | None = None  # a .solverstate to resume from
+    weights: str | None = None  # .caffemodel(s) to fine-tune from, comma separated
+    gpu: str | None = None  # cpu, cpu:N, all, or ids "0,1"; None: GPUs when present (solver_mode CPU: the CPU)
+    amp: bool = True  # GPU: mixed precision (bf16, or fp16 with a gradient scaler)
+    channels_last: bool = True  # GPU: NHWC memory layout
+    cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest conv kernels
+    sync_bn: bool = False  # BatchNorm statistics over all processes (Caffe: per process)
+    workers: int | None = None  # data loader processes per training process; None: from the CPU count
+    sigint_effect: str = "stop"  # caffe: -sigint_effect (stop, snapshot or none)
+    sighup_effect: str = "snapshot"  # caffe: -sighup_effect
+    check: bool = False  # validate everything, then exit before training
