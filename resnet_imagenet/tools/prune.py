@@ -1,10 +1,54 @@
-"""``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder."""
+"""``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder.
+
+This tool reads the sampled images (data/'s DataFeed through the net's data layer) and hands them to
+prune.export.run as a tensor.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from resnet_imagenet.tools import add_command
+
+if TYPE_CHECKING:
+    import torch
+
+    from resnet_imagenet.proto import caffe_pb2
+
+
+def load_images(
+    layer: caffe_pb2.LayerParameter, data: str | os.PathLike, mean: str | os.PathLike | None, n: int, seed: int
+) -> torch.Tensor:
+    """``n`` images (or all there are) from ``data``, shuffled by ``seed``, through ``layer``'s transform."""
+    import torch
+
+    from resnet_imagenet.data.feed import DataFeed
+    from resnet_imagenet.proto import caffe_pb2
+
+    lp = caffe_pb2.LayerParameter()
+    lp.CopyFrom(layer)
+    if lp.type == "Data":
+        lp.data_param.source = str(Path(data).resolve())
+        lp.data_param.batch_size = min(n, 32)
+    elif lp.type == "ImageData":
+        lp.image_data_param.source = str(Path(data).resolve())
+        lp.image_data_param.batch_size = min(n, 32)
+    else:
+        raise ValueError(f"layer '{lp.name}': --data needs a Data or ImageData layer, not {lp.type}")
+    if mean is not None:
+        lp.transform_param.mean_file = str(Path(mean).resolve())
+        lp.transform_param.ClearField("mean_value")
+    out, got = [], 0
+    with DataFeed(lp, "train", seed=seed, num_workers=0) as feed:  # TRAIN: a seeded random subset
+        for x, _ in feed.epoch(0):
+            out.append(x[: n - got])
+            got += len(out[-1])
+            if got >= n:
+                break
+    return torch.cat(out)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -42,13 +86,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.prune.export import format_report, run
+    from resnet_imagenet.prune.export import format_report
+    from resnet_imagenet.prune.export import run as prune_run
 
-    report = run(
-        args.model, args.weights, args.data, args.out, speedup=args.speedup, widths=args.widths, mean=args.mean,
-        method=args.method, images=args.images, points=args.points_per_image, seed=args.seed, batch=args.batch,
-        device=args.device, force=args.force, filter_input=args.filter_input,
-    )  # fmt: skip
+    def sample(layer: caffe_pb2.LayerParameter, n: int, seed: int) -> torch.Tensor:
+        return load_images(layer, args.data, args.mean, n, seed)
+
+    report = prune_run(
+        args.model,
+        args.weights,
+        args.data,
+        args.out,
+        sample=sample,
+        speedup=args.speedup,
+        widths=args.widths,
+        method=args.method,
+        images=args.images,
+        points=args.points_per_image,
+        seed=args.seed,
+        batch=args.batch,
+        device=args.device,
+        force=args.force,
+        filter_input=args.filter_input,
+    )
     print(format_report(report))
     print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")
     return 0
