@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from _prune_nets import REPO, TINY, two_blocks_net
 
-from resnet_imagenet.cli import main
+from resnet_imagenet.cli import build_parser, main
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.net import layers as L
 from resnet_imagenet.net.cost import count_params_macs
@@ -21,6 +22,7 @@ from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.proto.text import parse_text, to_text
 from resnet_imagenet.prune.core import prune_net
+from resnet_imagenet.prune.export import run as prune_run
 from resnet_imagenet.prune.filter import filter_targets
 from resnet_imagenet.prune.graph import find_pairs
 from resnet_imagenet.prune.plan import RELEASED_FILTERS, plan_for_speedup, planned_macs, read_widths
@@ -160,6 +162,21 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
     assert message in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched, no temporary left beside it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_prune_flags_default_to_runs_signature_and_device_is_a_hidden_alias(capsys):
+    parser = build_parser("prune")
+    base = ["prune", "--model", "m", "--weights", "w", "--data", "d", "--out", "o", "--speedup", "2"]
+    args = parser.parse_args(base)
+    params = inspect.signature(prune_run).parameters
+    for name in ("method", "images", "points", "batch", "seed"):
+        assert getattr(args, name) == params[name].default
+    assert (args.gpu, args.device) == (None, None)  # the CPU
+    assert parser.parse_args([*base, "--device", "cuda:1"]).device == "cuda:1"  # old scripts still parse
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--gpu" in help_text and "--device" not in help_text and "(default 500)" in help_text
 
 
 @pytest.fixture(scope="module")

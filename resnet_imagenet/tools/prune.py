@@ -1,22 +1,26 @@
 """``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder.
 
 This tool reads the sampled images (data/'s DataFeed through the net's data layer) and hands them to
-prune.export.run as a tensor.
+prune.export.run as a tensor; the flags' defaults are run's.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools import _flags, add_command
 
 if TYPE_CHECKING:
     import torch
 
     from resnet_imagenet.proto import caffe_pb2
+
+log = logging.getLogger(__name__)
 
 
 def load_images(
@@ -52,6 +56,9 @@ def load_images(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from resnet_imagenet.prune.export import run as prune_run
+
+    d = {k: v.default for k, v in inspect.signature(prune_run).parameters.items()}
     p = add_command(
         sub,
         "prune",
@@ -69,12 +76,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--widths", help="'released' (the published ResNet-50-2X widths) or a prototxt whose num_output to copy"
     )
     p.add_argument("--out", required=True, help="output folder, e.g. prototxt_like/resnet_50_2x")
-    p.add_argument("--method", choices=["lasso", "l1"], default="lasso", help="l1: filter-norm baseline, no refit")
-    p.add_argument("--images", type=int, default=500, help="images to sample (default 500)")
-    p.add_argument("--points-per-image", type=int, default=10, help="random positions per image (default 10)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward pass while sampling (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device for the forward passes (cpu, cuda)")
+    p.add_argument("--method", choices=["lasso", "l1"], default=d["method"], help="l1: filter-norm baseline, no refit")
+    p.add_argument("--images", type=int, default=d["images"], help=f"images to sample (default {d['images']})")
+    p.add_argument(
+        "--points-per-image",
+        dest="points",
+        type=int,
+        default=d["points"],
+        help=f"random positions per image (default {d['points']})",
+    )
+    p.add_argument(
+        "--batch", type=int, default=d["batch"], help=f"images per forward pass while sampling (default {d['batch']})"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"])
+    _flags.add_gpu_flag(p, default="CPU")
+    p.add_argument("--device", help=argparse.SUPPRESS)  # deprecated: a torch device (cpu, cuda); use --gpu
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument(
         "--filter-input",
@@ -83,6 +99,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "released ResNet-50-2X): --widths' Filter widths, or with --speedup the inner widths' keep ratio",
     )
     p.set_defaults(func=run)
+
+
+def _device(args: argparse.Namespace) -> str:
+    """The torch device: --gpu (one GPU id, or cpu), or the deprecated --device as given."""
+    if args.device is None:
+        return _flags.one_device(args.gpu)
+    if args.gpu is not None:
+        raise ValueError("give --gpu or the deprecated --device, not both")
+    log.warning("--device is deprecated; use --gpu (cpu or a GPU id)")
+    return args.device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,10 +128,10 @@ def run(args: argparse.Namespace) -> int:
         widths=args.widths,
         method=args.method,
         images=args.images,
-        points=args.points_per_image,
+        points=args.points,
         seed=args.seed,
         batch=args.batch,
-        device=args.device,
+        device=_device(args),
         force=args.force,
         filter_input=args.filter_input,
     )
