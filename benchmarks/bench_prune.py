@@ -34,7 +34,8 @@ from resnet_imagenet.net.cost import count_params_macs
 from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.proto.text import read_net
-from resnet_imagenet.prune import core as P
+from resnet_imagenet.prune.graph import find_pairs
+from resnet_imagenet.prune.plan import plan_for_speedup
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "prototxt_like" / "resnet_50"
@@ -75,8 +76,7 @@ def _time_forward(net, x, device) -> float:
 
 def bench_forward(batch: int, reps: int, device: torch.device) -> None:
     base = load_net(ZOO / "deploy.prototxt")
-    pairs = P.find_pairs(base)
-    widths = P.widths_for_speedup(base, pairs, 2.0)
+    widths = plan_for_speedup(base, find_pairs(base), 2.0)[0]
     pruned = _pruned_deploy(widths)
     macs0, macs1 = count_params_macs(base)[1], count_params_macs(pruned)[1]
     for net in (base, pruned):

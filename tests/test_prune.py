@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import lmdb
 import numpy as np
 import pytest
 import torch
+from _prune_nets import REPO, TINY, two_blocks_net
 
-from resnet_imagenet.cli import main
+from resnet_imagenet.cli import build_parser, main
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.net import layers as L
 from resnet_imagenet.net.cost import count_params_macs
@@ -19,13 +21,12 @@ from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.proto.text import parse_text, to_text
-from resnet_imagenet.prune import core as P
-from resnet_imagenet.prune import filter as PF
-from resnet_imagenet.prune import fit as S
-from resnet_imagenet.prune.export import load_images, read_widths
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "prototxt_like" / "resnet_tiny" / "train_val.prototxt"
+from resnet_imagenet.prune.core import prune_net
+from resnet_imagenet.prune.export import run as prune_run
+from resnet_imagenet.prune.filter import filter_targets
+from resnet_imagenet.prune.graph import find_pairs
+from resnet_imagenet.prune.plan import RELEASED_FILTERS, plan_for_speedup, planned_macs, read_widths
+from resnet_imagenet.tools.prune import load_images
 
 
 def _write_lmdb(path: Path, n: int, seed: int) -> Path:
@@ -67,88 +68,15 @@ def _prune_cli(tiny: Path, out: Path, *extra: str) -> int:
     return main(args)
 
 
-def test_pairs_of_a_resnet_are_the_inner_bottleneck_convs():
-    net = load_net(TINY, phase="test")
-    pairs = P.find_pairs(net)
-    blocks = ["res2a", "res2b", "res3a", "res4a"]
-    assert [(p.conv, p.next) for p in pairs] == [
-        (f"{b}_branch2{x}", f"{b}_branch2{y}") for b in blocks for x, y in (("a", "b"), ("b", "c"))
-    ]
-    assert pairs[0].chain == ["bn2a_branch2a", "scale2a_branch2a", "res2a_branch2a_relu"]
-
-
-def test_pairs_of_plain_chains_follow_blobs_not_names():
-    net = caffe_pb2.NetParameter()
-    parse_text(
-        """
-        layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 3 dim: 8 dim: 8 } } }
-        layer { name: "x1" type: "Convolution"
-                bottom: "data" top: "t1" convolution_param { num_output: 6 kernel_size: 3 } }
-        layer { name: "n1" type: "BatchNorm" bottom: "t1" top: "t1" }
-        layer { name: "s1" type: "Scale" bottom: "t1" top: "t1" scale_param { bias_term: true } }
-        layer { name: "r1" type: "ReLU" bottom: "t1" top: "u1" }
-        layer { name: "x2" type: "Convolution"
-                bottom: "u1" top: "t2" convolution_param { num_output: 6 kernel_size: 1 } }
-        layer { name: "r2" type: "ReLU" bottom: "t2" top: "t2" }
-        layer { name: "x3" type: "Convolution"
-                bottom: "t2" top: "t3" convolution_param { num_output: 4 kernel_size: 1 } }
-        layer { name: "x4" type: "Convolution"
-                bottom: "t2" top: "t4" convolution_param { num_output: 4 kernel_size: 1 } }
-        layer { name: "sum" type: "Eltwise" bottom: "t3" bottom: "t4" top: "t5" }
-        layer { name: "x5" type: "Convolution"
-                bottom: "t5" top: "t6"
-                convolution_param { num_output: 4 kernel_size: 1 group: 2 } }
-        layer { name: "x6" type: "Convolution"
-                bottom: "t6" top: "t7" convolution_param { num_output: 2 kernel_size: 1 } }
-        """,
-        net,
-    )
-    pairs = P.find_pairs(load_net(net))
-    # x2 feeds two convs, x3/x4 an Eltwise, x5 is grouped, x6 is last: only x1 -> x2 is prunable.
-    assert [(p.conv, p.next, p.chain, p.channels) for p in pairs] == [("x1", "x2", ["n1", "s1", "r1"], 6)]
-
-
-def test_lasso_gram_equals_explicit_z():
-    g = torch.Generator().manual_seed(0)
-    x, w, y = torch.randn(30, 4 * 9, generator=g), torch.randn(5, 4, 3, 3, generator=g), torch.randn(30, 5, generator=g)
-    z = torch.einsum("pck,ock->poc", x.double().view(30, 4, 9), w.double().view(5, 4, 9)).reshape(-1, 4)
-    gram, zy = S.lasso_gram(x, y, w)
-    np.testing.assert_allclose(gram, (z.T @ z).numpy(), rtol=1e-10)
-    np.testing.assert_allclose(zy, (z.T @ y.double().reshape(-1)).numpy(), rtol=1e-10)
-
-
-def test_lasso_finds_the_channels_that_produce_the_output_and_least_squares_refits_them():
-    g = torch.Generator().manual_seed(1)
-    cin, kk, cout = 12, 9, 6
-    x = torch.randn(400, cin * kk, generator=g)
-    w = torch.randn(cout, cin, 3, 3, generator=g)
-    used = np.array([1, 4, 5, 10])
-    w_true = torch.zeros_like(w)
-    w_true[:, used] = w[:, used] * torch.linspace(0.5, 2, 4).view(1, 4, 1, 1)  # refit must rescale them
-    y = x @ w_true.reshape(cout, -1).T
-    keep = S.lasso_select(x, y, w, 4)
-    assert keep.tolist() == used.tolist()
-    w_new, b_new = S.reconstruct(x, y, keep, kk, has_bias=False)
-    assert b_new is None
-    torch.testing.assert_close(w_new, w_true[:, used].reshape(cout, -1), atol=1e-4, rtol=1e-4)
-    assert S.relative_error(x, y, keep, kk, w_new, None) < 1e-5
-    assert S.relative_error(x, y, keep, kk, w[:, used].reshape(cout, -1), None) > 0.1
-
-
-def test_lasso_on_all_zero_features_keeps_k_channels():
-    x, y, w = torch.zeros(20, 6), torch.zeros(20, 3), torch.randn(3, 6, 1, 1)
-    assert S.lasso_select(x, y, w, 2).tolist() == [0, 1]  # (its penalty search would start at alpha 0)
-
-
 def test_lasso_with_least_squares_beats_l1_at_the_same_widths(tiny):
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
     mean = tiny / "mean.binaryproto"
     x = load_images(net.data_layers[0], tiny / "train_lmdb", mean, 48, seed=0)
     held = load_images(net.data_layers[0], tiny / "held_lmdb", mean, 16, seed=0)
-    widths = P.widths_for_speedup(net, P.find_pairs(net), 1.6)
+    widths = plan_for_speedup(net, find_pairs(net), 1.6)[0]
     results = {}
     for method in ("lasso", "l1"):
-        pruned, reports = P.prune_net(net, x, widths, method=method, points=16)
+        pruned, reports = prune_net(net, x, widths, method=method, points=16)
         assert [r.channels_after for r in reports] == list(widths.values())
         with torch.no_grad():
             lab = torch.zeros(len(held))
@@ -161,20 +89,6 @@ def test_lasso_with_least_squares_beats_l1_at_the_same_widths(tiny):
     (err_lasso, out_lasso), (err_l1, out_l1) = results["lasso"], results["l1"]
     assert err_lasso < err_l1
     assert out_lasso < out_l1
-
-
-def test_speedup_widths_reach_the_target_and_unreachable_ones_fail():
-    net = load_net(TINY, phase="test")
-    pairs = P.find_pairs(net)
-    base = P.planned_macs(net, pairs, {})
-    assert base == count_params_macs(net)[1]
-    for r in (1.2, 1.5, 2.0):
-        w = P.widths_for_speedup(net, pairs, r)
-        assert base / P.planned_macs(net, pairs, w) >= r
-        wider = {k: min(v + 1, p.channels) for (k, v), p in zip(w.items(), pairs)}  # one more channel each: too slow
-        assert base / P.planned_macs(net, pairs, wider) < r
-    with pytest.raises(ValueError, match="cannot be reached"):
-        P.widths_for_speedup(net, pairs, 10.0)
 
 
 def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tmp_path, capsys):
@@ -198,7 +112,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
     x = load_images(net.data_layers[0], tiny / "train_lmdb", tiny / "mean.binaryproto", 24, seed=0)
     widths = {r["layer"]: r["channels_after"] for r in report["layers"]}
-    pruned, _ = P.prune_net(net, x, widths, points=8)
+    pruned, _ = prune_net(net, x, widths, points=8)
     held = load_images(net.data_layers[0], tiny / "held_lmdb", tiny / "mean.binaryproto", 16, seed=0)
     with torch.no_grad():
         want = pruned(held, torch.zeros(16), blobs=["fc10"])["fc10"]
@@ -250,74 +164,25 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 
-def test_released_widths_match_the_published_model(reference_dir):
-    widths, filters = read_widths(reference_dir / "channel-pruning" / "temp" / "resnet-50-cp.prototxt")
-    assert {k: v for k, v in widths.items() if "_branch2a" in k or "_branch2b" in k} == P.RELEASED_WIDTHS
-    assert filters == P.RELEASED_FILTERS
-    net = load_net(REPO / "prototxt_like" / "resnet_50" / "deploy.prototxt")
-    pairs = P.find_pairs(net)
-    assert len(pairs) == 32
-    base = P.planned_macs(net, pairs, {})
-    released = P.planned_macs(net, pairs, P.RELEASED_WIDTHS, P.RELEASED_FILTERS)
-    assert round(base / 1e9, 2) == 3.86 and round(released / 1e9, 2) == 2.60  # "2X" is 1.48x by plain MACs
-    assert base / P.planned_macs(net, pairs, P.widths_for_speedup(net, pairs, 2.0)) >= 2.0
-
-
-def _block(name: str, bottom: str) -> str:
-    """A bottleneck block with an identity shortcut; its Eltwise output is the blob ``name``."""
-    text, prev = "", bottom
-    for part, k in (("2a", 1), ("2b", 3), ("2c", 1)):
-        top = f"{name}_{part}"
-        text += f"""
-        layer {{ name: "{top}" type: "Convolution" bottom: "{prev}" top: "{top}"
-                convolution_param {{ num_output: 8 kernel_size: {k} pad: {k // 2} bias_term: false }} }}
-        layer {{ name: "{top}_bn" type: "BatchNorm" bottom: "{top}" top: "{top}" }}
-        layer {{ name: "{top}_scale" type: "Scale" bottom: "{top}" top: "{top}" scale_param {{ bias_term: true }} }}"""
-        if part != "2c":
-            text += f'\n        layer {{ name: "{top}_relu" type: "ReLU" bottom: "{top}" top: "{top}" }}'
-        prev = top
-    return (
-        text
-        + f"""
-        layer {{ name: "{name}" type: "Eltwise" bottom: "{bottom}" bottom: "{prev}" top: "{name}" }}
-        layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}" top: "{name}_out" }}"""
-    )
+def test_prune_flags_default_to_runs_signature_and_device_is_a_hidden_alias(capsys):
+    parser = build_parser("prune")
+    base = ["prune", "--model", "m", "--weights", "w", "--data", "d", "--out", "o", "--speedup", "2"]
+    args = parser.parse_args(base)
+    params = inspect.signature(prune_run).parameters
+    for name in ("method", "images", "points", "batch", "seed"):
+        assert getattr(args, name) == params[name].default
+    assert (args.gpu, args.device) == (None, None)  # the CPU
+    assert parser.parse_args([*base, "--device", "cuda:1"]).device == "cuda:1"  # old scripts still parse
+    with pytest.raises(SystemExit):
+        parser.parse_args(["prune", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--gpu" in help_text and "--device" not in help_text and "(default 500)" in help_text
 
 
 @pytest.fixture(scope="module")
 def two_blocks():
-    """A fixed 2-block bottleneck net (8 channels, identity shortcuts), its BatchNorms fitted to its inputs."""
-    text = 'layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 1 dim: 8 dim: 6 dim: 6 } } }'
-    net = load_net(parse_text(text + _block("a", "data") + _block("b", "a_out"), caffe_pb2.NetParameter()))
-    g = torch.Generator().manual_seed(3)
-    mix = torch.randn(8, 3, generator=g)  # inputs of rank 3 in 8 channels: redundancy, as in a trained net
-    x = torch.einsum("oc,nchw->nohw", mix, torch.randn(64, 3, 6, 6, generator=g)).relu()
-    with torch.no_grad():
-        for name, m in net.layers.items():
-            if isinstance(m, L.Convolution):  # (the prototxt's default filler is constant 0)
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-            if name.endswith("_scale"):
-                m.weight.copy_(torch.rand(8, generator=g) * 1.8 + 0.2)
-                m.bias.copy_(torch.rand(8, generator=g) - 0.5)
-        net.train()
-        net(x)
-    net.eval()
-    return net, x[:48], x[48:]
-
-
-def test_residual_affine_maps_branch2c_to_the_block_sum(two_blocks):
-    net, x, _ = two_blocks
-    res = P.find_residual_sum(net, "b_2c")
-    assert (res.eltwise, res.main, res.affine) == ("b", 1, ["b_2c_bn", "b_2c_scale"])
-    assert P.find_residual_sum(net, "b_2b") is None  # a ReLU, then a conv: no residual sum
-    scale, shift = P.residual_affine(net, res, 8)
-    pre = {}  # the conv's own output (its blob is overwritten in place by BatchNorm and Scale)
-    h = net.layers["b_2c"].register_forward_hook(lambda _m, _i, o: pre.setdefault("y", o.clone()))
-    with torch.no_grad():
-        out = net(x, blobs=["a_out", "b"])
-    h.remove()
-    want = pre["y"] * scale.float().view(1, -1, 1, 1) + shift.float().view(1, -1, 1, 1) + out["a_out"]
-    torch.testing.assert_close(want, out["b"], atol=1e-4, rtol=1e-4)
+    """(net, fitting inputs, held-out inputs) of the fixed 2-block bottleneck net."""
+    return two_blocks_net()
 
 
 def test_shortcut_fix_lowers_the_block_output_error(two_blocks):
@@ -325,7 +190,7 @@ def test_shortcut_fix_lowers_the_block_output_error(two_blocks):
     widths = {f"{b}_2{p}": 3 for b in "ab" for p in "ab"}
     err, reported = {}, {}
     for shortcut in (True, False):
-        pruned, reports = P.prune_net(net, x, widths, points=10, shortcut=shortcut)
+        pruned, reports = prune_net(net, x, widths, points=10, shortcut=shortcut)
         with torch.no_grad():
             want, got = net(held, blobs=["b"])["b"], pruned(held, blobs=["b"])["b"]
         err[shortcut] = float((got - want).norm() / want.norm())  # held-out inputs, after the Eltwise
@@ -338,7 +203,7 @@ def test_shortcut_fix_lowers_the_block_output_error(two_blocks):
 def test_error_is_measured_on_held_out_points_and_few_points_warn(two_blocks, caplog):
     net, x, _ = two_blocks
     with caplog.at_level("WARNING", logger="resnet_imagenet.prune.core"):
-        _, reports = P.prune_net(net, x[:16], {"a_2a": 3, "a_2b": 3}, points=4)
+        _, reports = prune_net(net, x[:16], {"a_2a": 3, "a_2b": 3}, points=4)
     assert [(r.fit_points, r.columns) for r in reports] == [(52, 27), (52, 3)]  # 64 points, 12 held out
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and warned[0].startswith("a_2b: 52 fitting points for 27")
@@ -346,12 +211,12 @@ def test_error_is_measured_on_held_out_points_and_few_points_warn(two_blocks, ca
 
 def test_filter_input_prunes_each_block_input_through_a_filter_layer(two_blocks):
     net, x, held = two_blocks
-    pairs = P.find_pairs(net)
-    assert PF.filter_targets(net, pairs) == {"a_2a": 8, "b_2a": 8}  # the block inputs; a_2b, b_2b are paired
+    pairs = find_pairs(net)
+    assert filter_targets(net, pairs) == {"a_2a": 8, "b_2a": 8}  # the block inputs; a_2b, b_2b are paired
     widths, filters = {f"{b}_2{p}": 4 for b in "ab" for p in "ab"}, {"a_2a": 4, "b_2a": 5}
     out, macs = {}, {}
     for method in ("lasso", "l1"):
-        pruned, reports = P.prune_net(net, x, widths, points=10, method=method, filters=filters)
+        pruned, reports = prune_net(net, x, widths, points=10, method=method, filters=filters)
         with torch.no_grad():
             want, got = net(held, blobs=["b"])["b"], pruned(held, blobs=["b"])["b"]
         out[method] = float((got - want).norm() / want.norm())
@@ -368,9 +233,9 @@ def test_filter_input_prunes_each_block_input_through_a_filter_layer(two_blocks)
     assert list(pruned.layer_params_by_name("a").bottom) == ["data", "a_2c"]  # the shortcut reads all channels
     assert list(pruned.layer_params_by_name("b").bottom) == ["a_out", "b_2c"]
     # Branch2a's MACs shrink with its input; the MAC count plans it so.
-    plain = count_params_macs(P.prune_net(net, x, widths, points=10)[0])[1]
-    assert macs["lasso"] == P.planned_macs(net, pairs, widths, filters) < plain
-    assert P.planned_macs(net, pairs, widths) == plain
+    plain = count_params_macs(prune_net(net, x, widths, points=10)[0])[1]
+    assert macs["lasso"] == planned_macs(net, pairs, widths, filters) < plain
+    assert planned_macs(net, pairs, widths) == plain
     print(out)
     assert out["lasso"] < out["l1"]  # the LASSO choice of input channels, refitted, beats the L1 norms
 
@@ -404,11 +269,11 @@ def test_prune_command_with_filter_input_exports_filter_layers(tiny, tmp_path):
     assert count_params_macs(deployed) == (report["params_after"], report["macs_after"])
     # The same pruning in memory gives the same outputs as the files.
     net = load_net(TINY, weights=tiny / "w.caffemodel", phase="test")
-    pairs = P.find_pairs(net)
+    pairs = find_pairs(net)
     x = load_images(net.data_layers[0], tiny / "train_lmdb", tiny / "mean.binaryproto", 24, seed=0)
     widths = {r["layer"]: r["channels_after"] for r in report["layers"] if "Filter" not in r["layer"]}
-    assert (widths, filters) == P.plan_for_speedup(net, pairs, 1.5, PF.filter_targets(net, pairs))
-    pruned, _ = P.prune_net(net, x, widths, points=8, filters=filters)
+    assert (widths, filters) == plan_for_speedup(net, pairs, 1.5, filter_targets(net, pairs))
+    pruned, _ = prune_net(net, x, widths, points=8, filters=filters)
     held = load_images(net.data_layers[0], tiny / "held_lmdb", tiny / "mean.binaryproto", 16, seed=0)
     with torch.no_grad():
         want = pruned(held, torch.zeros(16), blobs=["fc10"])["fc10"]
@@ -418,8 +283,8 @@ def test_prune_command_with_filter_input_exports_filter_layers(tiny, tmp_path):
         name = pruned.layer_params_by_name(conv).bottom[0]
         torch.testing.assert_close(deployed.layers[name].selector, pruned.layers[name].selector)
     # At these widths the Filters cut more multiply-adds than the widths alone (so the ratio keeps more).
-    assert report["macs_after"] < P.planned_macs(net, pairs, widths)
-    assert all(w >= v for w, v in zip(widths.values(), P.widths_for_speedup(net, pairs, 1.5).values()))
+    assert report["macs_after"] < planned_macs(net, pairs, widths)
+    assert all(w >= v for w, v in zip(widths.values(), plan_for_speedup(net, pairs, 1.5)[0].values()))
     load_net(out / "train_val.prototxt", weights=weights, phase="train")
 
 
@@ -456,7 +321,7 @@ def test_released_widths_with_filter_input_give_the_released_resnet_50(tmp_path)
     deployed = load_net(out / "deploy.prototxt", weights=out / "resnet_50_2x_pruned.caffemodel")
     assert count_params_macs(deployed)[1] == report["macs_after"]
     _, filters = read_widths(out / "train_val.prototxt")
-    assert filters == P.RELEASED_FILTERS
+    assert filters == RELEASED_FILTERS
     for conv, k in filters.items():
         name = deployed.layer_params_by_name(conv).bottom[0]
         assert int(deployed.layers[name].selector.count_nonzero()) == k

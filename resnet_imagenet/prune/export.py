@@ -1,10 +1,11 @@
-"""``resnet-imagenet prune``: load a net + weights, sample images, prune, write the output folder.
+"""``resnet-imagenet prune``: load a net + weights, sample images (read by the caller), prune, write the folder.
 
 The folder (written completely or not at all) holds train_val.prototxt and deploy.prototxt with the
 reduced num_output (plain layers only, unless --filter-input adds caffe-pro Filter layers in front of
 each branch2a), <dir>_pruned.caffemodel, a fine-tune <dir>_solver.prototxt
 and prune_report.json. Every check on the input (weights matching the net, a reachable speed-up,
-a readable non-empty database) runs before anything is written.
+a readable non-empty database) runs before anything is written. The images arrive as a tensor from the
+caller's ImageSource (tools/prune.py reads them with data/'s DataFeed): prune does not import data/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 import resource
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,8 +27,17 @@ from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import read_binary_proto
 from resnet_imagenet.proto.text import read_net, read_solver, to_text
-from resnet_imagenet.prune import core as P
+from resnet_imagenet.prune.core import LayerReport, prune_net
 from resnet_imagenet.prune.filter import check_filters, export_filters, filter_targets
+from resnet_imagenet.prune.graph import PrunePair, find_pairs
+from resnet_imagenet.prune.plan import (
+    RELEASED_FILTERS,
+    RELEASED_WIDTHS,
+    check_widths,
+    plan_for_speedup,
+    planned_macs,
+    read_widths,
+)
 from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -52,47 +63,6 @@ def check_weights(net: CaffeNet, weights: str | os.PathLike) -> None:
         )
 
 
-def read_widths(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, int]]:
-    """Widths from a pruned prototxt: num_output of every Convolution, and for a conv reading a
-    Filter layer's top, that Filter's num_output (the channels of its input it keeps)."""
-    net = read_net(path)
-    filters = {lp.top[0]: lp.filter_param.num_output for lp in net.layer if lp.type == "Filter"}
-    widths = {lp.name: lp.convolution_param.num_output for lp in net.layer if lp.type == "Convolution"}
-    inputs = {
-        lp.name: filters[lp.bottom[0]] for lp in net.layer if lp.type == "Convolution" and lp.bottom[0] in filters
-    }
-    return widths, inputs
-
-
-def load_images(
-    layer: caffe_pb2.LayerParameter, data: str | os.PathLike, mean: str | os.PathLike | None, n: int, seed: int
-) -> torch.Tensor:
-    """``n`` images (or all there are) from ``data``, shuffled by ``seed``, through ``layer``'s transform."""
-    from resnet_imagenet.data.feed import DataFeed
-
-    lp = caffe_pb2.LayerParameter()
-    lp.CopyFrom(layer)
-    if lp.type == "Data":
-        lp.data_param.source = str(Path(data).resolve())
-        lp.data_param.batch_size = min(n, 32)
-    elif lp.type == "ImageData":
-        lp.image_data_param.source = str(Path(data).resolve())
-        lp.image_data_param.batch_size = min(n, 32)
-    else:
-        raise ValueError(f"layer '{lp.name}': --data needs a Data or ImageData layer, not {lp.type}")
-    if mean is not None:
-        lp.transform_param.mean_file = str(Path(mean).resolve())
-        lp.transform_param.ClearField("mean_value")
-    out, got = [], 0
-    with DataFeed(lp, "train", seed=seed, num_workers=0) as feed:  # TRAIN: a seeded random subset
-        for x, _ in feed.epoch(0):
-            out.append(x[: n - got])
-            got += len(out[-1])
-            if got >= n:
-                break
-    return torch.cat(out)
-
-
 def finetune_solver(out: Path, model: Path) -> caffe_pb2.SolverParameter:
     """The fine-tune solver, scaled from the training solver beside ``model`` (ImageNet ResNet-50's if none)."""
     base = model.parent / f"{model.parent.name}_solver.prototxt"
@@ -114,15 +84,64 @@ def finetune_solver(out: Path, model: Path) -> caffe_pb2.SolverParameter:
     return s
 
 
+ImageSource = Callable[[caffe_pb2.LayerParameter, int, int], torch.Tensor]
+"""(the net's TEST data layer, n, seed) -> up to n images through that layer's transform (a seeded subset)."""
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+
+
+def _load(model: Path, weights: str | os.PathLike) -> tuple[caffe_pb2.NetParameter, CaffeNet]:
+    """The train_val as read, and its TEST net with ``weights``, which must have a Data/ImageData layer."""
+    full = read_net(model)
+    net = load_net(full, phase="test")
+    if not net.data_layers or net.data_layers[0].type not in ("Data", "ImageData"):
+        raise ValueError(
+            f"{model}: no TEST Data/ImageData layer; give the train_val prototxt (its transform reads --data)"
+        )
+    check_weights(net, weights)
+    return full, net
+
+
+def _plan(
+    net: CaffeNet, pairs: list[PrunePair], speedup: float | None, widths: str | None, filter_input: bool
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(widths of the pair convs, the input Filter widths --widths names, the input Filters to prune)."""
+    filters: dict[str, int] = {}  # the input Filter widths that --widths names (released or its prototxt's)
+    applied: dict[str, int] = {}  # the input Filters pruned with --filter-input
+    if speedup is not None:
+        if speedup <= 0:
+            raise ValueError("--speedup must be positive")
+        keep, applied = plan_for_speedup(net, pairs, speedup, filter_targets(net, pairs) if filter_input else None)
+    elif widths == "released":
+        keep, filters = dict(RELEASED_WIDTHS), dict(RELEASED_FILTERS)
+    else:
+        all_widths, filters = read_widths(widths)
+        keep = {p.conv: all_widths[p.conv] for p in pairs if p.conv in all_widths}
+        if not keep:
+            raise ValueError(f"{widths}: names none of this net's prunable convolutions")
+    check_widths(pairs, keep)
+    if filter_input and widths is not None:
+        if not filters:
+            raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
+        applied = filters
+    check_filters(net, pairs, applied)
+    return keep, filters, applied
+
+
 def run(
     model: str | os.PathLike,
     weights: str | os.PathLike,
     data: str | os.PathLike,
     out: str | os.PathLike,
     *,
+    sample: ImageSource,
     speedup: float | None = None,
     widths: str | None = None,
-    mean: str | os.PathLike | None = None,
     method: str = "lasso",
     images: int = 500,
     points: int = 10,
@@ -134,6 +153,7 @@ def run(
 ) -> dict:
     """Prune ``model`` with ``weights`` and write the folder ``out``; returns the report.
 
+    ``sample`` reads ``images`` images of ``data`` (named in the report) once every other check has passed.
     ``filter_input``: also prune the block input each branch2a reads, through a Filter layer in front of it
     (the released ResNet-50-2X's channel sampler): widths from --widths' Filter layers, or with --speedup
     the same keep ratio as the inner widths (counted in the multiply-adds).
@@ -141,63 +161,57 @@ def run(
     out, model = Path(out), Path(model)
     if (speedup is None) == (widths is None):
         raise ValueError("give exactly one of --speedup or --widths")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    _check_out(out, force)
     if images < 1 or points < 1:
         raise ValueError("--images and --points-per-image must be positive")
-    full = read_net(model)
-    net = load_net(full, phase="test")
-    if not net.data_layers or net.data_layers[0].type not in ("Data", "ImageData"):
-        raise ValueError(
-            f"{model}: no TEST Data/ImageData layer; give the train_val prototxt (its transform reads --data)"
-        )
-    check_weights(net, weights)
+    full, net = _load(model, weights)
     net.to(device)
-    pairs = P.find_pairs(net)
-    filters: dict[str, int] = {}  # the input Filter widths that --widths names (released or its prototxt's)
-    applied: dict[str, int] = {}  # the input Filters pruned with --filter-input
-    if speedup is not None:
-        if speedup <= 0:
-            raise ValueError("--speedup must be positive")
-        if filter_input:
-            keep, applied = P.plan_for_speedup(net, pairs, speedup, filter_targets(net, pairs))
-        else:
-            keep = P.widths_for_speedup(net, pairs, speedup)
-    elif widths == "released":
-        keep, filters = dict(P.RELEASED_WIDTHS), dict(P.RELEASED_FILTERS)
-    else:
-        all_widths, filters = read_widths(widths)
-        keep = {p.conv: all_widths[p.conv] for p in pairs if p.conv in all_widths}
-        if not keep:
-            raise ValueError(f"{widths}: names none of this net's prunable convolutions")
-    P.check_widths(pairs, keep)
-    if filter_input and widths is not None:
-        if not filters:
-            raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
-        applied = filters
-    check_filters(net, pairs, applied)
-    params0, macs0 = count_params_macs(net)
-    x = load_images(net.data_layers[0], data, mean, images, seed).to(device)
+    pairs = find_pairs(net)
+    keep, filters, applied = _plan(net, pairs, speedup, widths, filter_input)
+    x = sample(net.data_layers[0], images, seed).to(device)
     log.info("sampled %d images of %s; pruning %d conv pairs by %s", len(x), data, len(keep), method)
-    pruned, reports = P.prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
-    params1, macs1 = count_params_macs(pruned)
-    report = {
-        "model": str(model), "weights": str(weights), "data": str(data), "method": method,
-        "widths": widths or f"speedup {speedup:g}", "images": len(x), "points_per_image": points,
-        "layers": [asdict(r) for r in reports],
-        "params_before": params0, "params_after": params1, "macs_before": macs0, "macs_after": macs1,
-        "speedup": macs0 / macs1, "requested_speedup": speedup, "filter_input": filter_input,
-    }  # fmt: skip
-    if filters:
-        with_filters = P.planned_macs(net, pairs, keep, filters)
-        report["released"] = {
-            "macs_with_input_filters": with_filters,
-            "speedup_with_input_filters": macs0 / with_filters,
-        }
+    pruned, reports = prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
+    head = {
+        "model": str(model),
+        "weights": str(weights),
+        "data": str(data),
+        "method": method,
+        "widths": widths or f"speedup {speedup:g}",
+        "images": len(x),
+        "points_per_image": points,
+    }
+    released = planned_macs(net, pairs, keep, filters) if filters else None
+    report = _report(head, reports, net, pruned, speedup, filter_input, released)
     report["peak_rss_mb"] = _peak_rss_mb()  # of this process so far: loading, sampling, pruning
     export(out, full, pruned, report, x[: min(4, len(x))], model)
+    return report
+
+
+def _report(
+    head: dict,
+    reports: list[LayerReport],
+    net: CaffeNet,
+    pruned: CaffeNet,
+    speedup: float | None,
+    filter_input: bool,
+    released: int | None,
+) -> dict:
+    """The report's fields in their file order: ``head`` (what was pruned how), the layers, the totals;
+    ``released``: the MACs with the input Filters --widths names (the released model's count)."""
+    (params0, macs0), (params1, macs1) = count_params_macs(net), count_params_macs(pruned)
+    report = {
+        **head,
+        "layers": [asdict(r) for r in reports],
+        "params_before": params0,
+        "params_after": params1,
+        "macs_before": macs0,
+        "macs_after": macs1,
+        "speedup": macs0 / macs1,
+        "requested_speedup": speedup,
+        "filter_input": filter_input,
+    }
+    if released is not None:
+        report["released"] = {"macs_with_input_filters": released, "speedup_with_input_filters": macs0 / released}
     return report
 
 
@@ -219,8 +233,8 @@ def export(out: Path, full: caffe_pb2.NetParameter, pruned: CaffeNet, report: di
     deploy = deploy_from(tv, (1, *pruned.input_shapes[pruned.input_names[0]][1:]))
     name = out.name
     caffemodel = f"{name}_pruned.caffemodel"
-    report["files"] = {"train_val": "train_val.prototxt", "deploy": "deploy.prototxt", "weights": caffemodel,
-                       "solver": f"{name}_solver.prototxt"}  # fmt: skip
+    files = {"train_val": "train_val.prototxt", "deploy": "deploy.prototxt", "weights": caffemodel}
+    report["files"] = {**files, "solver": f"{name}_solver.prototxt"}
     with atomic_path(out, is_dir=True) as tmp:
         (tmp / "train_val.prototxt").write_text(header + to_text(tv))
         (tmp / "deploy.prototxt").write_text(header + to_text(deploy))

@@ -3,44 +3,35 @@
 The released ResNet-50-2X (ethanhe42/channel-pruning temp/resnet-50-cp.prototxt) puts a Filter layer
 in front of every branch2a (``pool1 -> pool1_Filter -> res2a_branch2a``) while the shortcut/branch1 keep
 reading the whole blob. A Filter keeps the channels whose ``selector`` blob entry is non-zero, num_output
-of them. Here the in-memory pruned net gets these layers (rebuilt from its own NetParameter, first at
-full width), prune.py narrows them by LASSO + least squares, and the export copies them into the
-train_val with ``param { lr_mult: 0 decay_mult: 0 }`` as the released prototxt has them.
+of them. This module finds the convs that can take one and writes the layers into a NetParameter: the
+in-memory pruned net gets them at full width (surgery.with_full_filters), core.prune_net narrows them by
+LASSO + least squares, and export_filters copies them into the exported train_val with
+``param { lr_mult: 0 decay_mult: 0 }`` as the released prototxt has them.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import nn
-
+from resnet_imagenet.net.graph import blob_graph
 from resnet_imagenet.net.net import CaffeNet
 from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.prune.graph import PrunePair
 
 
-def filter_targets(net: CaffeNet, pairs) -> dict[str, int]:
+def filter_targets(net: CaffeNet, pairs: list[PrunePair]) -> dict[str, int]:
     """Convs whose input a Filter may prune -> that input's channels: a pair's first conv (ResNet
     branch2a) that reads a blob some other layer reads too (the block input, kept whole by the shortcut)
     and whose input is not already pruned by another pair."""
+    graph = blob_graph(net.layer_params)
+    index = {lp.name: i for i, lp in enumerate(net.layer_params)}
     nexts = {p.next for p in pairs}
-    readers: dict[tuple[str, int], int] = {}  # (blob, version) -> number of layers reading that value
-    version: dict[str, int] = {}
-    reads: dict[str, tuple[str, int]] = {}
-    for lp in net.layer_params:
-        for b in lp.bottom:
-            key = (b, version.get(b, 0))
-            readers[key] = readers.get(key, 0) + 1
-            reads.setdefault(lp.name, key)
-        for t in lp.top:
-            version[t] = version.get(t, 0) + 1
     out = {}
     for p in pairs:
-        if p.conv not in nexts and readers[reads[p.conv]] > 1:
+        if p.conv not in nexts and len(graph.readers[graph.reads[index[p.conv]][0]]) > 1:
             out[p.conv] = net.layers[p.conv].weight.shape[1]
     return out
 
 
-def check_filters(net: CaffeNet, pairs, filters: dict[str, int]) -> None:
+def check_filters(net: CaffeNet, pairs: list[PrunePair], filters: dict[str, int]) -> None:
     """Every named conv must take a Filter (see filter_targets), with a width in 1..its input channels."""
     targets = filter_targets(net, pairs)
     for name, k in filters.items():
@@ -87,40 +78,15 @@ def insert_filters(
     return names
 
 
-def with_full_filters(net: CaffeNet, convs: list[str]) -> tuple[CaffeNet, dict[str, str]]:
-    """A copy of ``net`` (weights included) with a full-width (identity) Filter in front of each conv."""
-    proto = net.to_proto(with_blobs=True)
-    names = insert_filters(proto, {c: net.layers[c].weight.shape[1] for c in convs})
-    out = CaffeNet(proto, phase=net.phase, input_shapes=net.input_shapes)
-    out.copy_from(proto)
-    dev = next(net.parameters()).device
-    return out.to(dev).train(net.training), names
-
-
-def apply_filter(net: CaffeNet, name: str, conv: str, keep: np.ndarray, w: torch.Tensor, b) -> None:
-    """Narrow Filter ``name`` to the channels ``keep`` and give ``conv`` (reading it) the weights ``w``, ``b``."""
-    f, c = net.layers[name], net.layers[conv]
-    dev = c.weight.device
-    sel = torch.zeros_like(f.selector)
-    sel[torch.from_numpy(keep).long().to(sel.device)] = 1.0
-    f.selector, f.num_output = sel, len(keep)
-    net.layer_params_by_name(name).filter_param.num_output = len(keep)
-    shape = f.top_shapes()[0]
-    net.blob_shapes[name] = shape
-    c.weight = nn.Parameter(w.reshape(w.shape[0], len(keep), *c.kernel).to(dev).contiguous())
-    if b is not None:
-        c.bias = nn.Parameter(b.to(dev))
-    c.bottom_shapes = [shape]
-
-
 def export_filters(tv: caffe_pb2.NetParameter, pruned: CaffeNet) -> None:
     """Copy the pruned net's Filter layers (name, width) in front of the same convs of ``tv`` (in place)."""
+    graph = blob_graph(pruned.layer_params)
     convs, names = {}, {}
     have = {lp.name for lp in tv.layer}
-    for lp in pruned.layer_params:
+    for i, lp in enumerate(pruned.layer_params):
         if lp.type == "Filter" and lp.name not in have:
-            for reader in pruned.layer_params:
-                if lp.top[0] in reader.bottom:
-                    convs[reader.name], names[reader.name] = lp.filter_param.num_output, lp.name
+            for k in graph.consumers(i):
+                reader = pruned.layer_params[k].name
+                convs[reader], names[reader] = lp.filter_param.num_output, lp.name
     if convs:
         insert_filters(tv, convs, names)

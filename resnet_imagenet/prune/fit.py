@@ -1,4 +1,4 @@
-"""Channel pruning's numerics: sampling feature points, LASSO channel selection, least-squares refit.
+"""Channel pruning's numerics: LASSO channel selection and the least-squares refit.
 
 (He, Zhang & Sun, "Channel Pruning for Accelerating Very Deep Neural Networks", ICCV 2017, eq. 1-3.)
 """
@@ -7,126 +7,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from resnet_imagenet.net import layers as L
-from resnet_imagenet.net.net import CaffeNet
-
-# --- sampling -----------------------------------------------------------------------------------
-
-
-class _Stop(Exception):
-    """Raised by a forward hook once the wanted layer has run: the rest of the net is skipped."""
-
-
-def _capture(
-    net: CaffeNet, layer: str, x: torch.Tensor, stop_at: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(input, output) of ``layer`` for the batch ``x``, running the net only up to that layer, and, with
-    ``stop_at``, the inputs of that later layer too (read before it runs: an Eltwise may sum in place)."""
-    got: dict = {}
-
-    def hook(_m, inp, out):
-        got["x"], got["y"] = inp[0], out
-        if stop_at is None:
-            raise _Stop
-
-    def pre_hook(_m, inp):
-        got["later"] = tuple(inp)
-        raise _Stop
-
-    hooks = [net.layers[layer].register_forward_hook(hook)]
-    if stop_at is not None:
-        hooks.append(net.layers[stop_at].register_forward_pre_hook(pre_hook))
-    try:
-        with torch.no_grad():
-            net(x)
-    except _Stop:
-        pass
-    finally:
-        for h in hooks:
-            h.remove()
-    if "x" not in got or (stop_at is not None and "later" not in got):
-        raise RuntimeError(f"layer '{layer}' did not run")
-    return got["x"], got["y"], got.get("later", ())
-
-
-def _patches(x: torch.Tensor, conv: L.Convolution, n: torch.Tensor, oh: torch.Tensor, ow: torch.Tensor):
-    """Input patches (points, Cin * kh * kw) that produce conv outputs at (n, oh, ow), in weight order."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel, conv.stride, conv.pad, conv.dilation
-    xp = F.pad(x, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # N, H, W, C
-    rows = oh[:, None] * sh + torch.arange(kh, device=x.device)[None] * dh  # P, kh
-    cols = ow[:, None] * sw + torch.arange(kw, device=x.device)[None] * dw  # P, kw
-    p = xp[n[:, None, None], rows[:, :, None], cols[:, None, :]]  # P, kh, kw, C
-    return p.permute(0, 3, 1, 2).reshape(len(n), -1)
-
-
-@dataclass
-class Samples:
-    """x: the conv's input patches in the pruned net; y: its outputs in the original net (same points).
-
-    For a conv whose output (through per-channel layers) is a bottom of an Eltwise SUM, also at the same
-    points: ``drift`` = sum over the other bottoms of coeff * (original - pruned), what the pruned net's
-    shortcut lost, and ``ref`` = the original Eltwise output; else both None.
-    """
-
-    x: torch.Tensor
-    y: torch.Tensor
-    drift: torch.Tensor | None = None
-    ref: torch.Tensor | None = None
-
-    def split(self, idx: torch.Tensor) -> Samples:
-        drift, ref = (None, None) if self.drift is None else (self.drift[idx], self.ref[idx])
-        return Samples(self.x[idx], self.y[idx], drift, ref)
-
-
-def sample_points(
-    orig: CaffeNet,
-    pruned: CaffeNet,
-    layer: str,
-    batches: Iterable[torch.Tensor],
-    points: int,
-    seed: int,
-    sum_layer: str | None = None,
-    main: int = 0,
-) -> Samples:
-    """Sample ``points`` random output positions per image of conv ``layer`` (see Samples).
-
-    ``sum_layer``: the Eltwise SUM that ``layer``'s output reaches as its bottom number ``main``.
-    Only the points are kept, so memory is points x patch size.
-    """
-    rng = np.random.default_rng(seed)
-    conv = pruned.layers[layer]
-    coeff = pruned.layers[sum_layer].coeff if sum_layer is not None else []
-    xs, ys, drifts, refs = [], [], [], []
-    for x in batches:
-        _, y, later_o = _capture(orig, layer, x, sum_layer)
-        xin, _, later_p = _capture(pruned, layer, x, sum_layer)
-        nb, _, h, w = y.shape
-        k = min(points, h * w)
-        pos = np.concatenate([rng.choice(h * w, k, replace=False) for _ in range(nb)])
-        n = torch.arange(nb).repeat_interleave(k).to(x.device)
-        pos_t = torch.from_numpy(pos).to(x.device)
-        oh, ow = pos_t // w, pos_t % w
-        xs.append(_patches(xin, conv, n, oh, ow).cpu())
-        ys.append(y[n, :, oh, ow].cpu())
-        if sum_layer is not None:
-            at = [(c, o[n, :, oh, ow].cpu(), p[n, :, oh, ow].cpu()) for c, o, p in zip(coeff, later_o, later_p)]
-            drifts.append(sum(c * (o - p) for i, (c, o, p) in enumerate(at) if i != main))
-            refs.append(sum(c * o for c, o, _ in at))
-    if not xs:
-        raise ValueError("no images to sample features from")
-    if sum_layer is None:
-        return Samples(torch.cat(xs), torch.cat(ys))
-    return Samples(torch.cat(xs), torch.cat(ys), torch.cat(drifts), torch.cat(refs))
-
-
-# --- selection and reconstruction ---------------------------------------------------------------
+from resnet_imagenet.prune.sample import Samples
 
 
 def lasso_gram(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +96,46 @@ def predict(x: torch.Tensor, keep: np.ndarray, kk: int, w: torch.Tensor, b) -> t
     return pred + b.cpu() if b is not None else pred
 
 
-def relative_error(x: torch.Tensor, y: torch.Tensor, keep: np.ndarray, kk: int, w: torch.Tensor, b) -> float:
-    """||X[:, kept] W^T + b - Y|| / ||Y|| over the given points."""
-    return float((predict(x, keep, kk, w, b) - y).norm() / y.norm().clamp(min=1e-30))
+def l1_fit(filters: torch.Tensor, w_old: torch.Tensor, b_old: torch.Tensor | None, k: int):
+    """The baseline: keep the ``k`` channels whose ``filters`` have the largest L1 norms; the next conv
+    keeps its weights on them (``w_old`` cut to (out, k * kh * kw)), no refit. (keep, weights, bias)."""
+    keep = l1_select(filters, k)
+    return keep, w_old[:, torch.from_numpy(keep)].reshape(len(w_old), -1), b_old
+
+
+def lasso_fit(sm: Samples, w_old: torch.Tensor, b_old: torch.Tensor | None, k: int, scale, shortcut: bool):
+    """LASSO + least squares on ``sm``: (keep, weights, bias). With ``scale`` (the per-channel factor of a
+    branch2c's BatchNorm/Scale into its residual sum) and ``shortcut``, the residual sum is what is matched."""
+    kk = w_old[0, 0].numel()
+    target, w_sel, y_fit = sm.y - b_old if b_old is not None else sm.y, w_old, sm.y
+    if scale is not None and shortcut:
+        # He et al. 2017 sec. 3.3: branch2c reconstructs original branch + (original - pruned) shortcut.
+        # LASSO in the sum's space (rows weighted by the BN/Scale factor); the per-channel least squares
+        # solves for the conv output, so the drift goes back through the affine: y + drift / scale.
+        s = scale.float()
+        target, w_sel = target * s + sm.drift, w_old * s.view(-1, 1, 1, 1)
+        ok = s.abs() > s.abs().max() * 1e-6  # a channel scaled to ~0 cannot carry the shortcut's drift
+        y_fit = sm.y + torch.where(ok, sm.drift / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(s))
+    keep = lasso_select(sm.x, target, w_sel, k)
+    w_new, b_new = reconstruct(sm.x, y_fit, keep, kk, b_old is not None)
+    return keep, w_new, b_new
+
+
+def held_out_error(sm: Samples, keep: np.ndarray, kk: int, w: torch.Tensor, b, scale) -> float:
+    """Relative error of the refitted conv on ``sm``; with ``scale``, of the Eltwise output it feeds."""
+    pred = predict(sm.x, keep, kk, w, b)
+    if scale is None:
+        diff, ref = pred - sm.y, sm.y
+    else:  # error of the Eltwise output: scale * (conv - original conv) - shortcut drift
+        diff, ref = (pred - sm.y) * scale.float() - sm.drift, sm.ref
+    return float(diff.norm() / ref.norm().clamp(min=1e-30))
+
+
+HOLD_OUT = 0.2  # share of the sampled points kept out of the fit to measure the relative error
+
+
+def split_held_out(sm: Samples, seed: int) -> tuple[Samples, Samples]:
+    """(held-out, fitting) split of the sampled points (both all of them when too few to split)."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(sm.x)))
+    n_held = int(len(order) * HOLD_OUT)
+    return (sm.split(order[:n_held]), sm.split(order[n_held:])) if n_held else (sm, sm)

@@ -1,13 +1,64 @@
-"""``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder."""
+"""``prune``: channel pruning (He et al., ICCV 2017) of a trained net into a new model folder.
+
+This tool reads the sampled images (data/'s DataFeed through the net's data layer) and hands them to
+prune.export.run as a tensor; the flags' defaults are run's.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools import _flags, add_command
+
+if TYPE_CHECKING:
+    import torch
+
+    from resnet_imagenet.proto import caffe_pb2
+
+log = logging.getLogger(__name__)
+
+
+def load_images(
+    layer: caffe_pb2.LayerParameter, data: str | os.PathLike, mean: str | os.PathLike | None, n: int, seed: int
+) -> torch.Tensor:
+    """``n`` images (or all there are) from ``data``, shuffled by ``seed``, through ``layer``'s transform."""
+    import torch
+
+    from resnet_imagenet.data.feed import DataFeed
+    from resnet_imagenet.proto import caffe_pb2
+
+    lp = caffe_pb2.LayerParameter()
+    lp.CopyFrom(layer)
+    if lp.type == "Data":
+        lp.data_param.source = str(Path(data).resolve())
+        lp.data_param.batch_size = min(n, 32)
+    elif lp.type == "ImageData":
+        lp.image_data_param.source = str(Path(data).resolve())
+        lp.image_data_param.batch_size = min(n, 32)
+    else:
+        raise ValueError(f"layer '{lp.name}': --data needs a Data or ImageData layer, not {lp.type}")
+    if mean is not None:
+        lp.transform_param.mean_file = str(Path(mean).resolve())
+        lp.transform_param.ClearField("mean_value")
+    out, got = [], 0
+    with DataFeed(lp, "train", seed=seed, num_workers=0) as feed:  # TRAIN: a seeded random subset
+        for x, _ in feed.epoch(0):
+            out.append(x[: n - got])
+            got += len(out[-1])
+            if got >= n:
+                break
+    return torch.cat(out)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from resnet_imagenet.prune.export import run as prune_run
+
+    d = {k: v.default for k, v in inspect.signature(prune_run).parameters.items()}
     p = add_command(
         sub,
         "prune",
@@ -25,12 +76,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--widths", help="'released' (the published ResNet-50-2X widths) or a prototxt whose num_output to copy"
     )
     p.add_argument("--out", required=True, help="output folder, e.g. prototxt_like/resnet_50_2x")
-    p.add_argument("--method", choices=["lasso", "l1"], default="lasso", help="l1: filter-norm baseline, no refit")
-    p.add_argument("--images", type=int, default=500, help="images to sample (default 500)")
-    p.add_argument("--points-per-image", type=int, default=10, help="random positions per image (default 10)")
-    p.add_argument("--batch", type=int, default=16, help="images per forward pass while sampling (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="torch device for the forward passes (cpu, cuda)")
+    p.add_argument("--method", choices=["lasso", "l1"], default=d["method"], help="l1: filter-norm baseline, no refit")
+    p.add_argument("--images", type=int, default=d["images"], help=f"images to sample (default {d['images']})")
+    p.add_argument(
+        "--points-per-image",
+        dest="points",
+        type=int,
+        default=d["points"],
+        help=f"random positions per image (default {d['points']})",
+    )
+    p.add_argument(
+        "--batch", type=int, default=d["batch"], help=f"images per forward pass while sampling (default {d['batch']})"
+    )
+    p.add_argument("--seed", type=int, default=d["seed"])
+    _flags.add_gpu_flag(p, default="CPU")
+    p.add_argument("--device", help=argparse.SUPPRESS)  # deprecated: a torch device (cpu, cuda); use --gpu
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument(
         "--filter-input",
@@ -41,14 +101,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.prune.export import format_report, run
+def _device(args: argparse.Namespace) -> str:
+    """The torch device: --gpu (one GPU id, or cpu), or the deprecated --device as given."""
+    if args.device is None:
+        return _flags.one_device(args.gpu)
+    if args.gpu is not None:
+        raise ValueError("give --gpu or the deprecated --device, not both")
+    log.warning("--device is deprecated; use --gpu (cpu or a GPU id)")
+    return args.device
 
-    report = run(
-        args.model, args.weights, args.data, args.out, speedup=args.speedup, widths=args.widths, mean=args.mean,
-        method=args.method, images=args.images, points=args.points_per_image, seed=args.seed, batch=args.batch,
-        device=args.device, force=args.force, filter_input=args.filter_input,
-    )  # fmt: skip
+
+def run(args: argparse.Namespace) -> int:
+    from resnet_imagenet.prune.export import format_report
+    from resnet_imagenet.prune.export import run as prune_run
+
+    def sample(layer: caffe_pb2.LayerParameter, n: int, seed: int) -> torch.Tensor:
+        return load_images(layer, args.data, args.mean, n, seed)
+
+    report = prune_run(
+        args.model,
+        args.weights,
+        args.data,
+        args.out,
+        sample=sample,
+        speedup=args.speedup,
+        widths=args.widths,
+        method=args.method,
+        images=args.images,
+        points=args.points,
+        seed=args.seed,
+        batch=args.batch,
+        device=_device(args),
+        force=args.force,
+        filter_input=args.filter_input,
+    )
     print(format_report(report))
     print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")
     return 0
