@@ -14,8 +14,9 @@ import pytest
 from _images import smooth_image
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.data.convert import META_NAME, ConvertOptions, build_db, convert_imageset, read_list
+from resnet_imagenet.data.convert import META_NAME, ConvertOptions, build_db, convert_imageset
 from resnet_imagenet.data.datum import datum_to_array, parse_datum
+from resnet_imagenet.data.imagelist import read_list
 from resnet_imagenet.data.imagenet import convert_imagenet
 
 
