@@ -2,7 +2,8 @@
 
 Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
 resize, crop and mirror into uint8 NCHW batches; the main process copies them to the device
-(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale.
+(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale
+(data/transform.py's DeviceTransform).
 
 Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
 permutation drawn from (seed, epoch) (TRAIN; Caffe reads LMDBs in key order, we shuffle), and rank r
