@@ -19,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _synth import make_jpegs  # noqa: E402
 
-from resnet_imagenet.data.convert import ConvertOptions, convert_imageset, default_jobs  # noqa: E402
+from resnet_imagenet.data.convert import ConvertOptions, convert_imageset  # noqa: E402
+from resnet_imagenet.data.pool import default_jobs  # noqa: E402
 
 
 def build(src: Path, db: Path, opts: ConvertOptions, jobs: int) -> tuple[float, float]:

@@ -336,3 +336,34 @@ def test_record_zero_that_is_not_a_datum_is_skipped_not_a_crash(tmp_path, caplog
         labels = [y.tolist() for _, y in feed.epoch()]
     assert labels == [[1], [2]]
     assert "record 0 unreadable" in caplog.text
+
+
+def test_device_transform_reads_a_full_mean_at_each_crops_source_pixels():
+    from resnet_imagenet.data.transform import DeviceTransform
+
+    mean = np.arange(12, dtype=np.float32).reshape(1, 3, 4)  # 1 channel, the images' 3x4
+    t = DeviceTransform(mean, mean_file="m.binaryproto", crop=2, scale=0.5)
+    x = torch.zeros((2, 1, 2, 2), dtype=torch.uint8)
+    geo = torch.tensor([[1, 1, 0, 3, 4], [0, 2, 1, 3, 4]])  # h_off, w_off, flip, src_h, src_w
+    out = t(x, geo)
+    assert out.dtype == torch.float32
+    # image 0: rows 1-2, cols 1-2 of the mean; image 1 is mirrored: cols 2-3 read right to left
+    assert out[0, 0].tolist() == [[-2.5, -3.0], [-4.5, -5.0]]
+    assert out[1, 0].tolist() == [[-1.5, -1.0], [-3.5, -3.0]]
+    with pytest.raises(ValueError, match=r"layer 'd': mean_file is \(3, 4\) but an image is \(3, 5\)"):
+        DeviceTransform(mean, mean_file="m.binaryproto", crop=2, layer="d")(x, torch.tensor([[0, 0, 0, 3, 5]] * 2))
+    with pytest.raises(ValueError, match="m.binaryproto: random_resized_crop needs a crop-sized mean"):
+        DeviceTransform(mean, mean_file="m.binaryproto", crop=2, random_crop=True)
+
+
+def test_device_transform_crop_sized_mean_mirrors_and_mean_value_broadcasts():
+    from resnet_imagenet.data.transform import DeviceTransform
+
+    x = torch.full((2, 1, 2, 2), 10, dtype=torch.uint8)
+    geo = torch.tensor([[1, 3, 0, 9, 9], [0, 5, 1, 9, 9]])  # offsets and source size do not matter here
+    crop_mean = np.array([[[1.0, 2.0], [3.0, 4.0]]], np.float32)  # crop-sized: subtracted after the crop
+    out = DeviceTransform(crop_mean, mean_file="m.binaryproto", crop=2)(x, geo)
+    assert out[0, 0].tolist() == [[9.0, 8.0], [7.0, 6.0]]
+    assert out[1, 0].tolist() == [[8.0, 9.0], [6.0, 7.0]]  # mirrored with the image
+    value = np.array([3.0], np.float32).reshape(1, 1, 1)  # mean_value 3, scale 2: (10 - 3) * 2
+    assert DeviceTransform(value, scale=2.0)(x, geo).unique().tolist() == [14.0]

@@ -14,8 +14,9 @@ import pytest
 from _images import smooth_image
 
 from resnet_imagenet.cli import main
-from resnet_imagenet.data.convert import META_NAME, ConvertOptions, build_db, convert_imageset, read_list
+from resnet_imagenet.data.convert import META_NAME, ConvertOptions, build_db, convert_imageset
 from resnet_imagenet.data.datum import datum_to_array, parse_datum
+from resnet_imagenet.data.imagelist import read_list
 from resnet_imagenet.data.imagenet import convert_imagenet
 
 
@@ -270,3 +271,31 @@ def test_standard_train_tar_gets_a_total_without_shuffle(tmp_path, capsys):
     res = convert_imagenet(tmp_path / "out", train_tar=tmp_path / "train.tar", progress=True)
     assert res["train"].written == 1
     assert f"1/{ILSVRC2012_TRAIN_IMAGES}" in capsys.readouterr().err  # a total, so tqdm shows an ETA
+
+
+def test_convert_flags_default_to_convert_options_and_convert_imageset():
+    import inspect
+
+    from resnet_imagenet.cli import build_parser
+    from resnet_imagenet.tools._flags import convert_keywords, convert_options
+
+    args = build_parser("convert_imageset").parse_args(["convert_imageset", "root", "db"])
+    assert convert_options(args) == ConvertOptions()
+    keywords = inspect.signature(convert_imageset).parameters
+    assert convert_keywords(args) == {k: keywords[k].default for k in convert_keywords(args)}
+    assert set(convert_keywords(args)) == {"shuffle", "seed", "jobs", "overwrite", "strict", "progress"}
+    gflags = ["convert_imageset", "-resize_height=4", "-resize_width=5", "-gray", "-encoded", "-shuffle", "r", "d"]
+    args = build_parser("convert_imageset").parse_args(gflags)
+    assert convert_options(args) == ConvertOptions(resize_height=4, resize_width=5, gray=True, encoded=True)
+    assert convert_keywords(args)["shuffle"] is True
+
+
+def test_converter_and_its_tools_import_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tools = ["convert_imageset", "convert_imagenet", "compute_image_mean"]
+    mods = [f"data.{m}" for m in ("convert", "imagenet", "transform")] + [f"tools.{m}" for m in tools]
+    code = f"import sys; import {', '.join('resnet_imagenet.' + m for m in mods)}; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -48,7 +48,7 @@ def test_sizes_differ_needs_crop(tmp_path):
 
 
 def test_mean_module_does_not_import_torch():
-    # compute_image_mean reads LMDBs through lmdbio, not through the torch loader
+    # compute_image_mean reads LMDBs through data/db.py, not through the torch loader
     code = "import sys, resnet_imagenet.data.mean; assert not {'torch', 'resnet_imagenet.data.feed'} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -111,3 +111,13 @@ def test_gray_and_colour_records_are_reported_as_differing_channels(tmp_path):
     db = _raw_db(tmp_path / "db", [colour, gray])
     with pytest.raises(ValueError, match=r"record 00000001_img1 has 1 channel\(s\), the first had 3; .*differ in chan"):
         compute_image_mean(db, progress=False)
+
+
+def test_compute_image_mean_flags_default_to_its_keywords():
+    import inspect
+
+    from resnet_imagenet.cli import build_parser
+
+    args = build_parser("compute_image_mean").parse_args(["compute_image_mean", "db"])
+    keywords = inspect.signature(compute_image_mean).parameters
+    assert (args.crop, args.legacy, args.progress) == tuple(keywords[k].default for k in ("crop", "legacy", "progress"))

@@ -1,16 +1,15 @@
 """convert_imageset: images (a class-folder tree or a Caffe list file) -> an LMDB of Caffe Datums.
 
-Decoding and resizing run in a process pool; records are written by one process in list order,
-under keys ``%08d_<relative path>`` (caffe: tools/convert_imageset.cpp), so a real Caffe DataLayer
-reads the database unchanged. The database is built under a temporary name and renamed when
-complete; metadata goes to a JSON file inside the DB folder, never into the LMDB.
+Decoding and resizing run in a process pool (data/pool.py); records are written by one process in
+list order, under keys ``%08d_<relative path>`` (caffe: tools/convert_imageset.cpp), so a real Caffe
+DataLayer reads the database unchanged. The database is built under a temporary name and renamed
+when complete (data/db.py); metadata goes to a JSON file inside the DB folder, never into the LMDB.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -20,18 +19,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import cv2
-import lmdb
 import simplejpeg
 from tqdm import tqdm
 
+from resnet_imagenet._version import __version__
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import encode_datum
-from resnet_imagenet.util.atomic import atomic_path, atomic_write_text
+from resnet_imagenet.data.db import MAX_KEY, create_lmdb
+from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
+from resnet_imagenet.data.pool import default_jobs, run_ordered
+from resnet_imagenet.util.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 META_NAME = "resnet_imagenet_meta.json"
-MAX_KEY = 511  # LMDB's default maximum key size
 
 
 @dataclasses.dataclass
@@ -49,6 +50,8 @@ class ConvertOptions:
 
 @dataclasses.dataclass
 class Summary:
+    """What a build did: records written, inputs skipped (file, reason), bytes stored, wall time."""
+
     written: int = 0
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, reason)
     bytes: int = 0
@@ -65,53 +68,8 @@ class Summary:
         )
 
 
-def read_list(path: str | os.PathLike) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """A Caffe list file: ``relative/path label`` per line -> (items, bad lines as (file:line, reason)).
-
-    caffe: convert_imageset.cpp -- the label follows the last space, so paths may contain spaces.
-    """
-    items, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip()  # "a.jpg 3 " is a good line too
-            if not line:
-                continue
-            name, _, label = line.rpartition(" ")
-            try:
-                value = int(label)
-            except ValueError:
-                value = None
-            if not name or value is None:
-                bad.append((f"{path}:{n}", f"bad list line: no integer label in {line!r}"))
-                continue
-            items.append((name, value))
-    return items, bad
-
-
-def walk_classes(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
-    """ROOT/<class>/**/file -> items labelled by the class's index among the sorted class names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root}: no class subfolders (give a list file, or put images in ROOT/<class>/)")
-    items = []
-    for label, cls in enumerate(classes):
-        for dirpath, dirs, files in os.walk(root / cls):
-            dirs.sort()
-            rel = Path(dirpath).relative_to(root).as_posix()
-            items.extend((f"{rel}/{f}", label) for f in sorted(files) if not f.startswith("."))
-    return items, classes
-
-
-def escapes_root(name: str) -> bool:
-    norm = os.path.normpath(name)
-    return os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep)
-
-
 def make_datum(buf: bytes, label: int, name: str, opts: ConvertOptions) -> tuple[bytes, tuple[int, int, int]]:
-    """One image file's bytes -> a serialized Datum and the image's (C, H, W)."""
+    """One image file's bytes -> a serialized Datum and the image's (C, H, W) (caffe: io.cpp ReadImageToDatum)."""
     channels = T.GRAY if opts.gray else T.COLOR
     img = T.decode_image(buf, channels, strict=True)
     if opts.resize_height and opts.resize_width:
@@ -154,9 +112,10 @@ def _plain_jpeg(buf: bytes, channels: int) -> bool:
 
 
 Task = tuple  # (name, label, path or bytes, options)
+Result = tuple[str, int, bytes | None, str, tuple[int, int, int] | None]  # (name, label, datum, reason, shape)
 
 
-def work(task: Task) -> tuple[str, int, bytes | None, str, tuple[int, int, int] | None]:
+def work(task: Task) -> Result:
     """Process-pool job: -> (name, label, datum or None, reason skipped, shape)."""
     name, label, src, opts = task
     try:
@@ -179,48 +138,50 @@ def work(task: Task) -> tuple[str, int, bytes | None, str, tuple[int, int, int] 
         return name, label, None, f"bad image: {str(e).strip().splitlines()[-1]}", None
 
 
-def default_jobs() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def _records(
+    results: Iterable[Result], opts: ConvertOptions, summary: Summary, keys: Callable[[int, str], int] | None, bar: tqdm
+) -> Iterator[tuple[bytes, bytes]]:
+    """The workers' results -> (key, datum) to store; a skipped input goes to ``summary.skipped`` and the log."""
+    first_shape = None
+    for name, _label, datum, reason, shape in results:
+        bar.update()
+        if datum is not None and opts.check_size:
+            first_shape = first_shape or shape
+            if shape != first_shape:
+                datum, reason = None, f"size mismatch: {shape} differs from the first image's {first_shape}"
+        key = b"%08d_%s" % (keys(summary.written, name) if keys else summary.written, name.encode())
+        if datum is not None and len(key) > MAX_KEY:
+            datum, reason = None, "path too long for an LMDB key"
+        if datum is None:
+            summary.skipped.append((name, reason))
+            log.warning("%s: skipped: %s", name, reason)
+            continue
+        summary.written += 1
+        summary.bytes += len(datum)
+        yield key, datum
 
 
-def _run_chunk(fn: Callable, chunk: list) -> list:
-    return [fn(t) for t in chunk]
+def _check(db: Path, summary: Summary, strict: bool) -> None:
+    if summary.written == 0:
+        raise ValueError(f"{db}: nothing written, all {len(summary.skipped)} inputs were skipped")
+    if strict and summary.skipped:
+        f, r = summary.skipped[0]
+        raise ValueError(f"{db}: --strict and {len(summary.skipped)} inputs were skipped (first: {f}: {r})")
 
 
-def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, window: int = 4) -> Iterator:
-    """``map(fn, tasks)`` on ``jobs`` processes, in order, reading at most jobs*window*chunk tasks ahead.
-
-    Tasks travel in chunks: one round trip per image cost more than the decode it carried
-    (1.28x on 2 cores for the encoded min_dim-256 build, 1.8x with chunks of 16).
-    """
-    if jobs <= 1:
-        yield from map(fn, tasks)
-        return
-    import functools
-    import multiprocessing
-
-    it = iter(tasks)
-    chunks = iter(lambda: list(itertools.islice(it, chunk)), [])
-    work_chunk = functools.partial(_run_chunk, fn)
-    with multiprocessing.get_context().Pool(jobs) as pool:
-        pending = collections.deque(pool.apply_async(work_chunk, (c,)) for c in itertools.islice(chunks, jobs * window))
-        while pending:
-            results = pending.popleft().get()
-            c = next(chunks, None)
-            if c is not None:
-                pending.append(pool.apply_async(work_chunk, (c,)))
-            yield from results
-
-
-def _commit(env: lmdb.Environment, items: list[tuple[bytes, bytes]], append: bool) -> None:
-    while True:
-        try:
-            with env.begin(write=True) as txn:
-                for k, v in items:
-                    txn.put(k, v, append=append)
-            return
-        except lmdb.MapFullError:  # grow the map and redo the transaction: never MDB_MAP_FULL
-            env.set_mapsize(env.info()["map_size"] * 2)
+def _meta(summary: Summary, opts: ConvertOptions, extra: dict | None) -> str:
+    """The JSON kept beside the records (META_NAME): who wrote the DB, with what options, from what."""
+    info = {
+        "tool": "resnet-imagenet",
+        "version": __version__,
+        "count": summary.written,
+        "skipped": len(summary.skipped),
+        "bytes": summary.bytes,
+        "options": dataclasses.asdict(opts),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
+    }
+    return json.dumps(info, indent=1) + "\n"
 
 
 def build_db(
@@ -250,59 +211,17 @@ def build_db(
     for f, reason in summary.skipped:
         log.warning("%s: skipped: %s", f, reason)
     t0 = time.time()
-    first_shape = None
-    with atomic_path(db, is_dir=True) as tmp:
-        # no fsync per commit: the DB is under a temporary name until env.sync(True) below
-        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
-        try:
-            pending: list[tuple[bytes, bytes]] = []
-            bar = tqdm(total=total, unit="img", disable=not progress, desc=db.name, smoothing=0.05)
-            for name, _label, datum, reason, shape in run_ordered(work, tasks, jobs or default_jobs()):
-                bar.update()
-                if datum is not None and opts.check_size:
-                    first_shape = first_shape or shape
-                    if shape != first_shape:
-                        datum, reason = None, f"size mismatch: {shape} differs from the first image's {first_shape}"
-                key = b"%08d_%s" % (keys(summary.written, name) if keys else summary.written, name.encode())
-                if datum is not None and len(key) > MAX_KEY:
-                    datum, reason = None, "path too long for an LMDB key"
-                if datum is None:
-                    summary.skipped.append((name, reason))
-                    log.warning("%s: skipped: %s", name, reason)
-                    continue
-                pending.append((key, datum))
-                summary.written += 1
-                summary.bytes += len(datum)
-                if len(pending) >= 1000:
-                    _commit(env, pending, append=keys is None)
-                    pending = []
-            _commit(env, pending, append=keys is None)
-            bar.close()
-            env.sync(True)
-        finally:
-            env.close()
-        summary.seconds = time.time() - t0
-        if summary.written == 0:
-            raise ValueError(f"{db}: nothing written, all {len(summary.skipped)} inputs were skipped")
-        if strict and summary.skipped:
-            f, r = summary.skipped[0]
-            raise ValueError(f"{db}: --strict and {len(summary.skipped)} inputs were skipped (first: {f}: {r})")
-        from resnet_imagenet._version import __version__
-
-        info = {
-            "tool": "resnet-imagenet", "version": __version__, "count": summary.written,
-            "skipped": len(summary.skipped), "bytes": summary.bytes, "options": dataclasses.asdict(opts),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {}),
-        }  # fmt: skip
-        atomic_write_text(tmp / META_NAME, json.dumps(info, indent=1) + "\n")
+    with create_lmdb(db, append=keys is None, map_size=map_size) as out:
+        bar = tqdm(total=total, unit="img", disable=not progress, desc=db.name, smoothing=0.05)
+        results = run_ordered(work, tasks, jobs or default_jobs())
+        for key, datum in _records(results, opts, summary, keys, bar):
+            out.put(key, datum)
+        bar.close()
+        _check(db, summary, strict)
+        atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
+    summary.seconds = time.time() - t0
     log.info("%s: %s", db, summary.report())
     return summary
-
-
-def classes_path(db: str | os.PathLike) -> Path:
-    """Where the class list of a folder-walked DB goes: beside it, ``<db>.classes.txt``."""
-    db = Path(db)
-    return db.with_name(db.name + ".classes.txt")
 
 
 def convert_imageset(
@@ -333,10 +252,25 @@ def convert_imageset(
     bad += [(n, "path escapes ROOT") for n, _ in items if escapes_root(n)]
     items = [(n, lab) for n, lab in items if not escapes_root(n)]
     tasks = ((n, lab, os.path.join(root, n), opts) for n, lab in items)
-    meta = {"source": str(root), "list": str(listfile) if listfile else None, "shuffle": shuffle, "seed": seed,
-            "classes": classes}  # fmt: skip
-    summary = build_db(tasks, db, opts, total=len(items), jobs=jobs, overwrite=overwrite, strict=strict,
-                       skipped=bad, meta=meta, progress=progress)  # fmt: skip
+    meta = {
+        "source": str(root),
+        "list": str(listfile) if listfile else None,
+        "shuffle": shuffle,
+        "seed": seed,
+        "classes": classes,
+    }
+    summary = build_db(
+        tasks,
+        db,
+        opts,
+        total=len(items),
+        skipped=bad,
+        meta=meta,
+        jobs=jobs,
+        overwrite=overwrite,
+        strict=strict,
+        progress=progress,
+    )
     if classes is not None:
         atomic_write_text(classes_path(db), "".join(c + "\n" for c in classes))
     return summary

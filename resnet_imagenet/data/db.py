@@ -1,11 +1,22 @@
-"""Read-only LMDB opening shared by the loader (data.py) and compute_image_mean (mean.py), without torch."""
+"""LMDB, both sides (caffe: util/db_lmdb.cpp), without torch.
+
+Read: open_lmdb / close_lmdb, shared by the loader's records (data/records.py) and compute_image_mean
+(data/mean.py). Write: create_lmdb builds a new database under a temporary name and renames it into
+place when complete (data/convert.py's builder).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import lmdb
+
+from resnet_imagenet.util.atomic import atomic_path
+
+MAX_KEY = 511  # LMDB's default maximum key size
 
 _OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
 
@@ -30,3 +41,47 @@ def close_lmdb(path: str | os.PathLike) -> None:
         _OPEN[key][1] -= 1
         if _OPEN[key][1] == 0:
             _OPEN.pop(key)[0].close()
+
+
+class LmdbWriter:
+    """Puts records into an open LMDB, one write transaction per ``batch`` records (caffe: db_lmdb.cpp Commit)."""
+
+    def __init__(self, env: lmdb.Environment, folder: Path, *, append: bool, batch: int = 1000):
+        self.env, self.folder, self.append, self.batch = env, folder, append, batch
+        self._pending: list[tuple[bytes, bytes]] = []
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._pending.append((key, value))
+        if len(self._pending) >= self.batch:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the pending records; a full map is doubled and the transaction redone (never MDB_MAP_FULL)."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    for k, v in self._pending:
+                        txn.put(k, v, append=self.append)
+                break
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        self._pending = []
+
+
+@contextlib.contextmanager
+def create_lmdb(path: str | os.PathLike, *, append: bool = True, map_size: int = 1 << 30) -> Iterator[LmdbWriter]:
+    """A new LMDB at ``path``, built in a temporary folder beside it (``writer.folder``, where extra files
+    may go too) and renamed onto ``path`` when the block succeeds; on an exception nothing is left behind.
+
+    ``append``: keys come in sorted order (LMDB's MDB_APPEND, the fast path).
+    """
+    with atomic_path(path, is_dir=True) as tmp:
+        # no fsync per commit: the DB is under a temporary name until env.sync(True) below
+        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
+        try:
+            writer = LmdbWriter(env, tmp, append=append)
+            yield writer
+            writer.commit()
+            env.sync(True)
+        finally:
+            env.close()

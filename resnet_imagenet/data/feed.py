@@ -2,7 +2,8 @@
 
 Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
 resize, crop and mirror into uint8 NCHW batches; the main process copies them to the device
-(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale.
+(pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale
+(data/transform.py's DeviceTransform).
 
 Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
 permutation drawn from (seed, epoch) (TRAIN; Caffe reads LMDBs in key order, we shuffle), and rank r
@@ -104,8 +105,8 @@ class _Batches(torch.utils.data.Dataset):
                 raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
             chw = img.transpose(2, 0, 1)  # raw records are CHW already: a view, copied once below
             if images and chw.shape != images[0].shape:
-                raise ValueError(f"{self.recs.source}: images of sizes {chw.shape} and {images[0].shape} in one "
-                                 "batch; set crop_size")  # fmt: skip
+                sizes = f"{chw.shape} and {images[0].shape}"
+                raise ValueError(f"{self.recs.source}: images of sizes {sizes} in one batch; set crop_size")
             images.append(chw)
             labels.append(label)
             geo.append(g)
@@ -133,6 +134,31 @@ class _Positions(torch.utils.data.Sampler):
             p += n
 
 
+def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path) -> tuple[Records, dict]:
+    """A Data or ImageData layer's records and the reading settings of its parameter message."""
+    if lp.type == "Data":
+        dp = lp.data_param
+        if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
+            raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
+        recs = Records(base / dp.source, is_list=False)
+        return recs, {"batch": dp.batch_size, "shuffle": phase == TRAIN, "bicubic": False, "new_dim": 0}
+    if lp.type == "ImageData":
+        ip = lp.image_data_param
+        resize = (ip.new_height, ip.new_width)
+        recs = Records(base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=resize)
+        return recs, {"batch": ip.batch_size, "shuffle": ip.shuffle, "bicubic": ip.bicubic, "new_dim": ip.new_dim}
+    raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
+
+
+def _check_sharing(layer: str, recs: Records, batch: int, rank: int, world_size: int) -> None:
+    if batch <= 0:
+        raise ValueError(f"layer '{layer}': batch_size must be positive")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if world_size > recs.n:
+        raise ValueError(f"{recs.source}: {recs.n} records cannot be shared by {world_size} ranks")
+
+
 class DataFeed:
     """Batches for one Data / ImageData layer: ``data, label = feed.next()`` (see module doc)."""
 
@@ -155,60 +181,44 @@ class DataFeed:
         phase = parse_phase(phase)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         lp, tp = layer_param, layer_param.transform_param
-        if lp.type == "Data":
-            dp = lp.data_param
-            if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
-                raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
-            recs = Records(base / dp.source, is_list=False)
-            batch, shuffle, bicubic, dim = dp.batch_size, phase == TRAIN, False, 0
-        elif lp.type == "ImageData":
-            ip = lp.image_data_param
-            recs = Records(
-                base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=(ip.new_height, ip.new_width)
-            )
-            batch, shuffle, bicubic, dim = ip.batch_size, ip.shuffle, ip.bicubic, ip.new_dim
-        else:
-            raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
-        if batch <= 0:
-            raise ValueError(f"layer '{lp.name}': batch_size must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if world_size > recs.n:
-            raise ValueError(f"{recs.source}: {recs.n} records cannot be shared by {world_size} ranks")
+        recs, src = _source(lp, phase, base)
+        _check_sharing(lp.name, recs, src["batch"], rank, world_size)
         rrc = bool(random_resized_crop and phase == TRAIN)
         if rrc and not tp.crop_size:
             raise ValueError(f"layer '{lp.name}': random_resized_crop needs crop_size")
         force_gray = tp.force_gray or (lp.type == "ImageData" and not lp.image_data_param.is_color)
         channels = T.GRAY if force_gray else T.COLOR if tp.force_color else recs.native_channels()
-        cfg = dict(
-            rank=rank, world_size=world_size, seed=seed, shuffle=shuffle, train=phase == TRAIN, channels=channels,
-            crop=tp.crop_size, mirror=tp.mirror, rrc=rrc, new_dim=new_dim if new_dim is not None else dim,
-            bicubic=bicubic,
-        )  # fmt: skip
-        self.name, self.batch_size, self.seed, self.channels = lp.name, batch, seed, channels
+        cfg = {
+            "rank": rank,
+            "world_size": world_size,
+            "seed": seed,
+            "shuffle": src["shuffle"],
+            "train": phase == TRAIN,
+            "channels": channels,
+            "crop": tp.crop_size,
+            "mirror": tp.mirror,
+            "rrc": rrc,
+            "new_dim": new_dim if new_dim is not None else src["new_dim"],
+            "bicubic": src["bicubic"],
+        }
+        self.name, self.batch_size, self.seed, self.channels = lp.name, src["batch"], seed, channels
         self.device = torch.device(device)
         self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
         self._ds = _Batches(recs, cfg)
-        self._scale = float(tp.scale)
-        self._mean, self._mean_full = self._load_mean(tp, base, channels, rrc)
+        mean = load_mean(tp, channels, base, layer=lp.name)
+        self._transform = T.DeviceTransform(
+            mean,
+            mean_file=tp.mean_file,
+            crop=tp.crop_size,
+            scale=tp.scale,
+            random_crop=rrc,
+            device=device,
+            layer=lp.name,
+        )
         self._check_first_record()
         self._pos = 0
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
-
-    def _load_mean(self, tp, base: Path, channels: int, rrc: bool) -> tuple[torch.Tensor | None, bool]:
-        m = load_mean(tp, channels, base, layer=self.name)
-        if m is None:
-            return None, False
-        if not tp.HasField("mean_file"):
-            return torch.from_numpy(m).to(self.device).view(1, channels, 1, 1), False
-        crop = tp.crop_size
-        # A crop-sized mean is subtracted after the crop (the seed's bgr.binaryproto); any other
-        # size must equal the image size and is cropped with the image (caffe: data_transformer.cpp).
-        full = not (crop and m.shape[1:] == (crop, crop))
-        if full and rrc:
-            raise ValueError(f"{tp.mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
-        return torch.from_numpy(m).to(self.device), full
 
     def _check_first_record(self) -> None:
         """Record 0 through decode and crop now, so a setup error (float_data Datums, a crop larger than the
@@ -226,8 +236,10 @@ class DataFeed:
         h, w = img.shape[:2]
         crop = ds.cfg["crop"]
         if crop and not ds.cfg["rrc"] and (h < crop or w < crop):
-            raise ValueError(f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} "
-                             f"(record 0 is {h}x{w}{' after new_dim' if ds.cfg['new_dim'] else ''})")  # fmt: skip
+            record = f"record 0 is {h}x{w}{' after new_dim' if ds.cfg['new_dim'] else ''}"
+            raise ValueError(
+                f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} ({record})"
+            )
 
     # -- positions -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -235,8 +247,15 @@ class DataFeed:
 
     def state_dict(self) -> dict:
         epoch, index = divmod(self._pos, self._ds.share_size(stream=True))
-        return {"epoch": epoch, "index": index, "seed": self.seed, "rank": self._ds.cfg["rank"],
-                "world_size": self._ds.cfg["world_size"], "num_records": self._ds.recs.n}  # fmt: skip
+        cfg = self._ds.cfg
+        return {
+            "epoch": epoch,
+            "index": index,
+            "seed": self.seed,
+            "rank": cfg["rank"],
+            "world_size": cfg["world_size"],
+            "num_records": self._ds.recs.n,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("seed", self.seed) != self.seed:
@@ -249,39 +268,16 @@ class DataFeed:
     # -- batches -------------------------------------------------------------------------------
     def _make_loader(self, sampler: _Positions) -> torch.utils.data.DataLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        pin = self.device.type == "cuda"
         return torch.utils.data.DataLoader(
-            self._ds, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", **kw,
-        )  # fmt: skip
+            self._ds, batch_size=None, sampler=sampler, num_workers=self.num_workers, pin_memory=pin, **kw
+        )
 
     def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
         nb = self.device.type == "cuda"
-        if self._mean_full:  # checked on the host copy: on the device .any() would wait for the GPU every batch
-            src = b["geo"][:, 3:]
-            fits = (src == torch.tensor(self._mean.shape[1:])).all(1)
-            if not fits.all():
-                raise ValueError(f"layer '{self.name}': mean_file is {tuple(self._mean.shape[1:])} but an image is "
-                                 f"{tuple(src[int((~fits).nonzero()[0, 0])].tolist())}; use a crop-sized mean or "
-                                 "mean_value")  # fmt: skip
-        x = b["data"].to(self.device, non_blocking=nb).float()
+        x = self._transform(b["data"].to(self.device, non_blocking=nb), b["geo"])
         label = b["label"].to(self.device, non_blocking=nb)
-        if self._mean is not None:
-            m = self._mean
-            geo = b["geo"].to(self.device, non_blocking=nb)
-            flip = geo[:, 2].bool().view(-1, 1, 1, 1)
-            if self._mean_full:
-                h, w = x.shape[2:]
-                ar_h = torch.arange(h, device=self.device)
-                ar_w = torch.arange(w, device=self.device)
-                rows = geo[:, 0:1] + ar_h  # B,h
-                cols = geo[:, 1:2] + torch.where(flip.view(-1, 1), w - 1 - ar_w, ar_w)  # B,w, mirrored with the crop
-                m = m[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
-            elif m.dim() == 3:  # crop-sized mean, mirrored along with the image
-                m = torch.where(flip, m.flip(-1), m)
-            x.sub_(m)
-        if self._scale != 1:
-            x.mul_(self._scale)  # caffe: (pixel - mean) * scale
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, label

@@ -144,6 +144,32 @@ def _val_items(tar_path: Path, labels: dict[str, int], opts: ConvertOptions, bad
             yield name, labels[name], tar.extractfile(m).read(), opts
 
 
+def _build_train(
+    tar: Path, db: Path, names: list[str], in_tar: list[str], opts: ConvertOptions, meta: dict, **build_kw
+) -> Summary:
+    """The train tar (holding the synset tars ``in_tar``, sorted) -> ``db``, labels by ``names``."""
+    bad: list = []
+    keys = total = None
+    if meta["shuffle"]:  # caffe: --shuffle; the order is fixed up front and written through the keys
+        listed = _list_train(tar)
+        random.Random(meta["seed"]).shuffle(listed)
+        pos = {n: i for i, n in enumerate(listed)}
+        keys, total = (lambda _i, name: pos[name]), len(listed)
+    elif in_tar == sorted(standard_synsets()):
+        total = ILSVRC2012_TRAIN_IMAGES  # counting would read every image's header: 1.28M seeks
+    items = _train_items(tar, {s: i for i, s in enumerate(names)}, opts, bad)
+    meta = {**meta, "source": str(tar)}
+    return build_db(items, db, opts, total=total, keys=keys, skipped=bad, meta=meta, **build_kw)
+
+
+def _build_val(tar: Path, db: Path, labels: dict[str, int], opts: ConvertOptions, meta: dict, **build_kw) -> Summary:
+    """The val tar -> ``db``, in the tar's order (never shuffled)."""
+    bad: list = []
+    items = _val_items(tar, labels, opts, bad)
+    meta = {**meta, "source": str(tar), "shuffle": False}
+    return build_db(items, db, opts, total=len(labels), skipped=bad, meta=meta, **build_kw)
+
+
 def convert_imagenet(
     out: str | os.PathLike,
     *,
@@ -157,37 +183,24 @@ def convert_imagenet(
     seed: int = 0,
     **build_kw,
 ) -> dict[str, Summary]:
-    """Stream the ILSVRC2012 tars into OUT/ilsvrc12_train_lmdb and OUT/ilsvrc12_val_lmdb."""
+    """Stream the ILSVRC2012 tars into OUT/ilsvrc12_train_lmdb and OUT/ilsvrc12_val_lmdb.
+
+    ``build_kw`` goes to build_db (jobs, overwrite, strict, progress).
+    """
     opts = opts or ConvertOptions()
     out = Path(out)
-    names = read_synsets(synsets) if synsets else None
     in_tar = None
     if train_tar is not None:
         with tarfile.open(train_tar, mode="r:") as t:  # the synset tars' names (1000 headers, seeks over the data)
             in_tar = sorted(n.rsplit("/", 1)[-1].removesuffix(".tar") for n in t.getnames() if n.endswith(".tar"))
-    names = names or in_tar or standard_synsets()
-    index = {s: i for i, s in enumerate(names)}
+    names = (read_synsets(synsets) if synsets else None) or in_tar or standard_synsets()
     meta = {"classes": names, "shuffle": shuffle, "seed": seed}
     result = {}
     if train_tar is not None:
-        bad: list = []
-        keys = total = None
-        if shuffle:  # caffe: --shuffle; the order is fixed up front and written through the keys
-            listed = _list_train(Path(train_tar))
-            random.Random(seed).shuffle(listed)
-            pos = {n: i for i, n in enumerate(listed)}
-            keys, total = (lambda _i, name: pos[name]), len(listed)
-        elif in_tar == sorted(standard_synsets()):
-            total = ILSVRC2012_TRAIN_IMAGES  # counting would read every image's header: 1.28M seeks
-        items = _train_items(Path(train_tar), index, opts, bad)
-        result["train"] = build_db(items, out / TRAIN_DB, opts, total=total, keys=keys, skipped=bad,
-                                   meta={**meta, "source": str(train_tar)}, **build_kw)  # fmt: skip
+        result["train"] = _build_train(Path(train_tar), out / TRAIN_DB, names, in_tar, opts, meta, **build_kw)
     if val_tar is not None:
         labels = read_val_labels(val_labels, names, devkit_meta)
-        bad = []
-        items = _val_items(Path(val_tar), labels, opts, bad)
-        result["val"] = build_db(items, out / VAL_DB, opts, total=len(labels), skipped=bad,
-                                 meta={**meta, "source": str(val_tar), "shuffle": False}, **build_kw)  # fmt: skip
+        result["val"] = _build_val(Path(val_tar), out / VAL_DB, labels, opts, meta, **build_kw)
     if not result:
         raise ValueError("give --train-tar and/or --val-tar")
     atomic_write_text(out / SYNSETS, "".join(s + "\n" for s in names))

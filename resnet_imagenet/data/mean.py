@@ -51,6 +51,19 @@ def load_mean(
     return None
 
 
+def _record_image(raw: bytes, crop: int, where: str) -> np.ndarray:
+    """One record as HxWxC (its centre crop x crop with ``crop``), native channels; errors name ``where``."""
+    try:
+        d = parse_datum(raw)
+        img = T.decode_image(d.data, T.native_channels(d.data)) if d.encoded else datum_to_array(d)
+        if crop:
+            top, left = T.centre_offsets(*img.shape[:2], crop)
+            img = img[top : top + crop, left : left + crop]
+        return img
+    except (ValueError, DecodeError) as e:  # caffe: CHECKs too (a mean over fewer records misleads)
+        raise ValueError(f"{where}: {e}") from None
+
+
 def compute_image_mean(
     db: str | os.PathLike,
     out: str | os.PathLike | None = None,
@@ -72,14 +85,7 @@ def compute_image_mean(
         with env.begin() as txn:
             for key, raw in tqdm(txn.cursor(), total=env.stat()["entries"], unit="img", disable=not progress):
                 name = key.decode(errors="replace")
-                try:
-                    d = parse_datum(raw)
-                    img = T.decode_image(d.data, T.native_channels(d.data)) if d.encoded else datum_to_array(d)
-                    if crop:
-                        top, left = T.centre_offsets(*img.shape[:2], crop)
-                        img = img[top : top + crop, left : left + crop]
-                except (ValueError, DecodeError) as e:  # caffe: CHECKs too (a mean over fewer records misleads)
-                    raise ValueError(f"{db}: record {name}: {e}") from None
+                img = _record_image(raw, crop, f"{db}: record {name}")
                 if total is None:
                     total = np.zeros(img.shape, np.float64)
                 elif img.shape[2] != total.shape[2]:

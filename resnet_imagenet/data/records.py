@@ -1,6 +1,6 @@
 """Record access for the loader: index -> (image, label) from an LMDB of Datums or a Caffe image list.
 
-Each DataLoader worker opens the LMDB lazily, readonly, without lock writes (see lmdbio).
+Each DataLoader worker opens the LMDB lazily, readonly, without lock writes (data/db.py open_lmdb).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import datum_to_array, parse_datum
 from resnet_imagenet.data.db import close_lmdb, open_lmdb
+from resnet_imagenet.data.imagelist import read_list
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,6 @@ class Records:
         self._pid = -1
         self.keys: np.ndarray | None = None  # None: keys are the dense '%08d_' Caffe keys
         if is_list:
-            from resnet_imagenet.data.convert import read_list  # list format shared with convert_imageset
-
             items, bad = read_list(source)
             for where, reason in bad:
                 log.warning("%s: skipped: %s", where, reason)

@@ -1,8 +1,11 @@
-"""Per-image work of Caffe's DataTransformer on uint8 images: decode, resize, crop, mirror.
+"""Caffe's DataTransformer (caffe: data_transformer.cpp), in two halves.
 
-Runs in loader workers and in convert_imageset's processes. Float work (mean, scale) happens on
-the device in resnet_imagenet.data.feed, so workers pass uint8 crops (4x less to copy than float).
-ten_crops works on tensors through their methods only, so this module does not import torch.
+The host half works on uint8 images, one at a time, in loader workers and convert_imageset's
+processes: decode, resize, crop, mirror. The device half works on whole batches in the main
+process: DeviceTransform subtracts the mean and scales (the loader, data/feed.py), ten_crops
+makes the 10-crop views (the test and classify tools). Workers so pass uint8 crops, 4x less to
+copy than float. The device half uses tensor methods only and imports torch when a
+DeviceTransform is built, so converter and mean tool processes never load torch.
 """
 
 from __future__ import annotations
@@ -162,6 +165,80 @@ def random_resized_crop(img: np.ndarray, size: int, rng: np.random.Generator) ->
     patch = img[top : top + ch, left : left + cw]
     out = cv2.resize(patch, (size, size), interpolation=cv2.INTER_LINEAR)
     return out if out.ndim == 3 else out[:, :, None]
+
+
+# -- the device half: float work on whole batches ----------------------------------------------------
+
+
+class DeviceTransform:
+    """uint8 NCHW batches on the device -> float32 ``(pixel - mean) * scale``, the mean mirrored with the image.
+
+    ``mean`` is load_mean's C x H x W array: C x 1 x 1 (mean_value), crop x crop (subtracted after the
+    crop, the seed's bgr.binaryproto) or any other size from a mean_file, which must be the image size and
+    is read at the crop's source pixels (caffe: data_transformer.cpp). ``mean_file`` names the file the mean
+    came from ("" for mean_value), ``layer`` the data layer, in errors.
+    """
+
+    def __init__(
+        self,
+        mean: np.ndarray | None,
+        *,
+        mean_file: str = "",
+        crop: int = 0,
+        scale: float = 1.0,
+        random_crop: bool = False,
+        device: torch.device | str = "cpu",
+        layer: str = "",
+    ):
+        import torch  # here only: the host half runs without torch
+
+        self.scale, self.layer = float(scale), layer
+        self.mean = None if mean is None else torch.from_numpy(mean).to(device)
+        # A crop-sized mean is subtracted after the crop; any other mean_file is cropped with the image.
+        self.full = mean is not None and bool(mean_file) and not (crop and mean.shape[1:] == (crop, crop))
+        if self.full and random_crop:
+            raise ValueError(f"{mean_file}: random_resized_crop needs a crop-sized mean or mean_value")
+        if mean is not None and not mean_file:
+            self.mean = self.mean.view(1, -1, 1, 1)  # mean_value: one value per channel
+        if self.full:  # row and column offsets of the crop window (the whole image without crop_size)
+            h, w = (crop, crop) if crop else mean.shape[1:]
+            self._rows = torch.arange(h, device=device)
+            self._cols = torch.arange(w, device=device)
+
+    def __call__(self, x: torch.Tensor, geo: torch.Tensor) -> torch.Tensor:
+        """``x``: the uint8 batch on the device; ``geo``: its (h_off, w_off, flip, src_h, src_w) rows, on the host."""
+        self._check(geo)
+        x = x.float()
+        if self.mean is not None:
+            x.sub_(self._batch_mean(geo.to(x.device, non_blocking=x.is_cuda)))
+        if self.scale != 1:
+            x.mul_(self.scale)  # caffe: (pixel - mean) * scale
+        return x
+
+    def _check(self, geo: torch.Tensor) -> None:
+        """A full-size mean fits every image: checked on the host copy (on the device .any() would wait for the GPU
+        every batch)."""
+        if not self.full:
+            return
+        src = geo[:, 3:]
+        fits = (src == src.new_tensor(self.mean.shape[1:])).all(1)
+        if not fits.all():
+            bad = tuple(src[int((~fits).nonzero()[0, 0])].tolist())
+            where = f"layer '{self.layer}': " if self.layer else ""
+            fix = "use a crop-sized mean or mean_value"
+            raise ValueError(f"{where}mean_file is {tuple(self.mean.shape[1:])} but an image is {bad}; {fix}")
+
+    def _batch_mean(self, geo: torch.Tensor) -> torch.Tensor:
+        """The mean to subtract from each image of the batch (``geo`` on the device)."""
+        m = self.mean
+        flip = geo[:, 2].bool()
+        if self.full:
+            rows = geo[:, 0:1] + self._rows  # B,h
+            cols = geo[:, 1:2] + self._cols.flip(0).where(flip.view(-1, 1), self._cols)  # B,w, mirrored with the crop
+            return m[:, rows[:, :, None], cols[:, None, :]].permute(1, 0, 2, 3)
+        if m.dim() == 3:  # crop-sized mean, mirrored along with the image
+            return m.flip(-1).where(flip.view(-1, 1, 1, 1), m)
+        return m
 
 
 def crop_offsets_10(h: int, w: int, crop: int) -> list[tuple[int, int]]:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from resnet_imagenet.data.convert import ConvertOptions
 
 GPU_FORMS = "cpu, cpu:N (N CPU processes, train only), all, or GPU ids like 0,1,2,3"
 
@@ -20,31 +26,61 @@ def one_device(gpu: str | None) -> str:
     return "cpu" if ids is None else f"cuda:{ids[0]}"
 
 
+_ON = {"action": "store_true"}
+# Caffe's convert_imageset flags (also as -flag=value, the gflags spelling) and ours: (names, argparse keywords,
+# help). Each default is read from ConvertOptions or convert_imageset's keyword of the flag's dest; --backend,
+# which no code reads, carries its own.
+_CONVERT_FLAGS = (
+    (("--resize_height", "-resize_height"), {"type": int}, "resize to this height (with --resize_width)"),
+    (("--resize_width", "-resize_width"), {"type": int}, "resize to this width (with --resize_height)"),
+    (("--min_dim",), {"type": int}, "shrink so the shorter side is this, aspect kept (recommended: 256)"),
+    (("--shuffle", "-shuffle"), _ON, "shuffle the order of the records (seeded by --seed)"),
+    (("--seed",), {"type": int}, "seed of --shuffle (default %(default)s)"),
+    (("--gray", "-gray"), _ON, "store gray images"),
+    (("--encoded", "-encoded"), _ON, "store the encoded image file instead of raw pixels"),
+    (("--encode_type", "-encode_type"), {}, "re-encode as this (jpg, png...); default: keep the file's"),
+    (("--check_size", "-check_size"), _ON, "skip images whose size differs from the first's"),
+    (("--backend", "-backend"), {"default": "lmdb", "choices": ["lmdb"]}, "only lmdb"),
+    (("--jobs",), {"type": int}, "decode/resize processes (default: all cores)"),
+    (("--overwrite",), _ON, "replace an existing database"),
+    (("--strict",), _ON, "fail (and write nothing) if any image is skipped"),
+    (("--no-progress",), {"dest": "progress", "action": "store_false"}, "no progress bar"),
+)
+
+
+def _run_defaults() -> dict:
+    """convert_imageset's keyword-only parameters (shuffle, seed, jobs, overwrite, strict, progress) and defaults."""
+    from resnet_imagenet.data.convert import convert_imageset
+
+    params = inspect.signature(convert_imageset).parameters.values()
+    return {q.name: q.default for q in params if q.kind is q.KEYWORD_ONLY}
+
+
+def _convert_defaults() -> dict:
+    """The defaults of the convert flags: ConvertOptions' fields and convert_imageset's keywords."""
+    from resnet_imagenet.data.convert import ConvertOptions
+
+    return {**{f.name: f.default for f in dataclasses.fields(ConvertOptions)}, **_run_defaults()}
+
+
 def add_convert_flags(p: argparse.ArgumentParser) -> None:
     """Caffe's convert_imageset flags (also as -flag=value, the gflags spelling) and ours."""
-    a = p.add_argument
-    a("--resize_height", "-resize_height", type=int, default=0, help="resize to this height (with --resize_width)")
-    a("--resize_width", "-resize_width", type=int, default=0, help="resize to this width (with --resize_height)")
-    a("--min_dim", type=int, default=0, help="shrink so the shorter side is this, aspect kept (recommended: 256)")
-    a("--shuffle", "-shuffle", action="store_true", help="shuffle the order of the records (seeded by --seed)")
-    a("--seed", type=int, default=0, help="seed of --shuffle (default 0)")
-    a("--gray", "-gray", action="store_true", help="store gray images")
-    a("--encoded", "-encoded", action="store_true", help="store the encoded image file instead of raw pixels")
-    a("--encode_type", "-encode_type", default="", help="re-encode as this (jpg, png...); default: keep the file's")
-    a("--check_size", "-check_size", action="store_true", help="skip images whose size differs from the first's")
-    a("--backend", "-backend", default="lmdb", choices=["lmdb"], help="only lmdb")
-    a("--jobs", type=int, default=None, help="decode/resize processes (default: all cores)")
-    a("--overwrite", action="store_true", help="replace an existing database")
-    a("--strict", action="store_true", help="fail (and write nothing) if any image is skipped")
-    a("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    d = _convert_defaults()
+    for names, kw, help_text in _CONVERT_FLAGS:
+        dest = kw.get("dest", names[0].lstrip("-"))
+        kw = kw if "default" in kw else {**kw, "default": d[dest]}
+        p.add_argument(*names, help=help_text, **kw)
 
 
-def convert_options(args: argparse.Namespace):
+def convert_options(args: argparse.Namespace) -> ConvertOptions:
+    """The ConvertOptions of parsed convert flags (each field is the flag of the same name)."""
     from resnet_imagenet.data.convert import ConvertOptions
 
     if bool(args.resize_height) != bool(args.resize_width):
         raise ValueError("give both --resize_height and --resize_width (or --min_dim)")
-    return ConvertOptions(
-        resize_height=args.resize_height, resize_width=args.resize_width, min_dim=args.min_dim, gray=args.gray,
-        encoded=args.encoded, encode_type=args.encode_type, check_size=args.check_size,
-    )  # fmt: skip
+    return ConvertOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ConvertOptions)})
+
+
+def convert_keywords(args: argparse.Namespace) -> dict:
+    """The parsed flags of convert_imageset's keywords, which convert_imagenet takes too."""
+    return {k: getattr(args, k) for k in _run_defaults()}

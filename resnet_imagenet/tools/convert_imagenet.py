@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from resnet_imagenet.data.imagenet import convert_imagenet, valprep
 from resnet_imagenet.tools import add_command
-from resnet_imagenet.tools._flags import add_convert_flags, convert_options
+from resnet_imagenet.tools._flags import add_convert_flags, convert_keywords, convert_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,21 +30,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.data.imagenet import convert_imagenet
-
     res = convert_imagenet(
-        args.out, train_tar=args.train_tar, val_tar=args.val_tar, val_labels=args.val_labels,
-        devkit_meta=args.devkit_meta, synsets=args.synsets, opts=convert_options(args), shuffle=args.shuffle,
-        seed=args.seed, jobs=args.jobs, overwrite=args.overwrite, strict=args.strict, progress=args.progress,
-    )  # fmt: skip
+        args.out,
+        train_tar=args.train_tar,
+        val_tar=args.val_tar,
+        val_labels=args.val_labels,
+        devkit_meta=args.devkit_meta,
+        synsets=args.synsets,
+        opts=convert_options(args),
+        **convert_keywords(args),
+    )
     for split, s in res.items():
         print(f"{split}: {s.report()}")
     return 0
 
 
 def run_valprep(args: argparse.Namespace) -> int:
-    from resnet_imagenet.data.imagenet import valprep
-
     moved, left = valprep(args.val_dir, args.val_labels, synsets=args.synsets, devkit_meta=args.devkit_meta)
     print(f"{args.val_dir}: moved {moved} images into synset folders; {len(left)} without a label left in place")
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from resnet_imagenet.data.convert import convert_imageset
 from resnet_imagenet.tools import add_command
-from resnet_imagenet.tools._flags import add_convert_flags, convert_options
+from resnet_imagenet.tools._flags import add_convert_flags, convert_keywords, convert_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,14 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.data.convert import convert_imageset
-
     if len(args.paths) not in (2, 3):
         raise ValueError("usage: convert_imageset [flags] ROOT/ [LISTFILE] DB")
     root, listfile, db = (args.paths[0], None, args.paths[1]) if len(args.paths) == 2 else args.paths
-    s = convert_imageset(
-        root, listfile, db, convert_options(args), shuffle=args.shuffle, seed=args.seed, jobs=args.jobs,
-        overwrite=args.overwrite, strict=args.strict, progress=args.progress,
-    )  # fmt: skip
+    s = convert_imageset(root, listfile, db, convert_options(args), **convert_keywords(args))
     print(f"{db}: {s.report()}")
     return 0

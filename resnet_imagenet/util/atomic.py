@@ -1,8 +1,10 @@
-"""Crash-safe writes: everything we write goes to a temporary name, then is renamed into place.
+"""Crash-safe writes: a file or folder goes to a temporary name beside its target, then is renamed into place.
 
-A kill at any moment leaves either the old file (or nothing) or the complete new one, never a
-half-written file under the final name (timm's CheckpointSaver and Caffe users' habit of
-keeping the last good snapshot).
+Used for every output a later run or tool reads back: snapshots and solver states, caffemodels and
+exports, prototxts, mean files, LMDBs and image folders (built as a temporary folder), the logs
+tool's tables and plots; streams such as a run's log file are written in place. A kill at any
+moment leaves either the old file (or nothing) or the complete new one, never a half-written file
+under the final name (timm's CheckpointSaver and Caffe users' habit of keeping the last good snapshot).
 """
 
 from __future__ import annotations

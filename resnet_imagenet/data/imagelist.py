@@ -1,0 +1,62 @@
+"""Caffe's image lists: the ``relative/path label`` list file and the ROOT/<class>/ folder walk.
+
+One reader for both users of the format: convert_imageset (data/convert.py) and the ImageData
+layer's records (data/records.py). caffe: tools/convert_imageset.cpp, image_data_layer.cpp.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def read_list(path: str | os.PathLike) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """A Caffe list file: ``relative/path label`` per line -> (items, bad lines as (file:line, reason)).
+
+    caffe: convert_imageset.cpp -- the label follows the last space, so paths may contain spaces.
+    """
+    items, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip()  # "a.jpg 3 " is a good line too
+            if not line:
+                continue
+            name, _, label = line.rpartition(" ")
+            try:
+                value = int(label)
+            except ValueError:
+                value = None
+            if not name or value is None:
+                bad.append((f"{path}:{n}", f"bad list line: no integer label in {line!r}"))
+                continue
+            items.append((name, value))
+    return items, bad
+
+
+def walk_classes(root: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
+    """ROOT/<class>/**/file -> (items labelled by the class's index among the sorted class names, classes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"{root}: not a folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root}: no class subfolders (give a list file, or put images in ROOT/<class>/)")
+    items = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirs, files in os.walk(root / cls):
+            dirs.sort()
+            rel = Path(dirpath).relative_to(root).as_posix()
+            items.extend((f"{rel}/{f}", label) for f in sorted(files) if not f.startswith("."))
+    return items, classes
+
+
+def escapes_root(name: str) -> bool:
+    """Whether a list entry points outside ROOT (absolute, or up through ``..``)."""
+    norm = os.path.normpath(name)
+    return os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep)
+
+
+def classes_path(db: str | os.PathLike) -> Path:
+    """Where the class list of a folder-walked DB goes: beside it, ``<db>.classes.txt``."""
+    db = Path(db)
+    return db.with_name(db.name + ".classes.txt")
