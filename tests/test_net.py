@@ -213,3 +213,29 @@ def test_learnable_blob_index_counts_only_present_blobs_and_state_stages_are_kep
     # caffe: a Scale with a second bottom has one blob, the bias, and param[0] is its spec
     assert [(n, i, lr, dm) for n, i, _, lr, dm in net.learnable()] == [("s", 0, 5.0, 0.0)]
     assert "r" in net.layers  # the prototxt's own state { stage } still selects layers
+
+
+@pytest.mark.parametrize(
+    ("bn_top", "scale_top", "extra", "fused"),
+    [
+        ("b", "b", "", True),  # Scale in place on the BatchNorm's own top
+        ("b", "s", "", True),  # out of place, and the Scale is the only reader of b
+        ("b", "s", 'layer { name: "r" type: "ReLU" bottom: "b" top: "rb" }', False),  # b is read again
+        ("c", "s", "", False),  # BatchNorm in place: the blob c is also read by the BatchNorm itself
+    ],
+)
+def test_batchnorm_scale_fusion_needs_the_scale_to_be_the_only_reader(bn_top, scale_top, extra, fused):
+    text = f"""
+    layer {{ name: "in" type: "Input" top: "data" input_param {{ shape {{ dim: 2 dim: 2 dim: 3 dim: 3 }} }} }}
+    layer {{ name: "conv" type: "Convolution" bottom: "data" top: "c"
+            convolution_param {{ num_output: 2 kernel_size: 1 weight_filler {{ type: "gaussian" }} }} }}
+    layer {{ name: "bn" type: "BatchNorm" bottom: "c" top: "{bn_top}" }}
+    layer {{ name: "sc" type: "Scale" bottom: "{bn_top}" top: "{scale_top}" scale_param {{ bias_term: true }} }}
+    {extra}
+    """
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TEST)
+    assert net._fused_scale == ({"bn": "sc"} if fused else {})
+    randomize(net)
+    x = torch.randn(2, 2, 3, 3)
+    bn, sc = net.layers["bn"], net.layers["sc"]
+    torch.testing.assert_close(net(x)[scale_top], sc(bn(net.layers["conv"](x))))

@@ -59,10 +59,15 @@ def load_at_batch(model_path: str | os.PathLike, phase: str | int, batch: int | 
     return load_net(net_param, phase=ph, input_shapes=shapes or None)
 
 
-def _macs(module: torch.nn.Module, top: tuple[int, ...]) -> int:
-    """Convolution: out elements x Cin/g x kh x kw; InnerProduct: outputs x inputs (the layers' macs(), per
-    image, times the batch)."""
-    return module.macs() * top[0] if hasattr(module, "macs") else 0
+def _params(module: torch.nn.Module) -> int:
+    """Learnable parameters of one layer (BatchNorm's statistics are buffers, not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _macs(module: torch.nn.Module) -> int:
+    """Per image: Convolution's out elements x Cin/g x kh x kw, InnerProduct's outputs x inputs (the layers'
+    own macs()); 0 for every other layer."""
+    return module.macs() if hasattr(module, "macs") else 0
 
 
 def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
@@ -74,13 +79,12 @@ def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: i
     for lp in net.layer_params:
         module = net.layers[lp.name]
         tops = [tuple(s) for s in module.top_shapes()]
-        params = sum(p.numel() for p in module.parameters())
-        out.layers.append(LayerCost(lp.name, lp.type, tops, params, _macs(module, tops[0])))
+        macs = _macs(module) * tops[0][0] if hasattr(module, "macs") else 0  # per image x the top's batch axis
+        out.layers.append(LayerCost(lp.name, lp.type, tops, _params(module), macs))
     return out
 
 
 def count_params_macs(net: CaffeNet) -> tuple[int, int]:
     """Learnable parameters and per-image multiply-adds (conv: out elems x Cin/g x kh x kw; fc: in x out)."""
-    params = sum(p.numel() for p in net.parameters())
-    macs = sum(m.macs() for m in net.layers.values() if hasattr(m, "macs"))
-    return params, macs
+    layers = list(net.layers.values())
+    return sum(_params(m) for m in layers), sum(_macs(m) for m in layers)

@@ -1,23 +1,20 @@
-"""CaffeNet: a prototxt net run in torch over named blobs, in prototxt order; caffemodel I/O."""
+"""CaffeNet: a prototxt net run in torch over named blobs, in prototxt order; load_net builds one."""
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from resnet_imagenet.net import layers as L
+from resnet_imagenet.net.graph import BlobGraph, Value, blob_graph
 from resnet_imagenet.net.phase import filter_net
+from resnet_imagenet.net.weights import copy_trained_layers, layer_blobs, read_caffemodels
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.blob import array_to_blob, blob_shape, blob_to_array, is_legacy, read_binary_proto
 from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net
 from resnet_imagenet.util.atomic import atomic_write_bytes
-
-log = logging.getLogger(__name__)
 
 
 def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
@@ -65,48 +62,51 @@ class CaffeNet(nn.Module):
         self.input_shapes: dict[str, tuple[int, ...]] = {}
         self.layers = nn.ModuleDict()
         self.loss_weights: dict[str, float] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        available: list[str] = []
+        self.blob_shapes: dict[str, tuple[int, ...]] = {}
+        available: list[str] = []  # blobs written and not yet read
         for lp in net_param.layer:
             if lp.name in self.layers or any(d.name == lp.name for d in self.data_layers):
                 raise PrototxtError(f"layer '{lp.name}': duplicate layer name")
             for b in lp.bottom:
-                if b not in shapes:
+                if b not in self.blob_shapes:
                     raise PrototxtError(f"layer '{lp.name}': unknown bottom blob '{b}'")
             if lp.type in DATA_LAYER_TYPES:
-                given = input_shapes or {}
-                tops = list(lp.top)
-                if all(t in given for t in tops):
-                    top_shapes = [tuple(given[t]) for t in tops]
-                else:
-                    top_shapes = data_layer_shapes(lp)
-                self.data_layers.append(lp)
-                self.input_names.extend(tops)
+                top_shapes = self._add_data_layer(lp, input_shapes or {})
             else:
-                module = L.build_layer(lp, [shapes[b] for b in lp.bottom])
-                top_shapes = module.top_shapes()
-                if len(top_shapes) != len(lp.top):
-                    raise PrototxtError(f"layer '{lp.name}' ({lp.type}): needs {len(top_shapes)} tops")
-                self.layers[lp.name] = module
-                self.layer_params.append(lp)
-                self._record_loss(lp)
-            for b in lp.bottom:
-                if b in available:
-                    available.remove(b)
-            for t, s in zip(lp.top, top_shapes):
-                shapes[t] = tuple(s)
-                if lp.type in DATA_LAYER_TYPES:
-                    self.input_shapes[t] = tuple(s)
+                top_shapes = self._add_layer(lp)
+            available = [b for b in available if b not in lp.bottom]
+            for t in lp.top:
                 if t not in available:
                     available.append(t)
+            self.blob_shapes.update(zip(lp.top, top_shapes))
         # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs
         self.output_names = available
-        self.blob_shapes = shapes
         self._source_order = [lp.name for lp in net_param.layer]
         self._lp_index = {lp.name: lp for lp in self.layer_params}
         self._plan_fusion()
         self.train(phase == caffe_pb2.TRAIN)
         self._legacy: set[tuple[str, int]] = set()
+
+    def _add_data_layer(self, lp: caffe_pb2.LayerParameter, given: dict[str, Sequence[int]]) -> list[tuple[int, ...]]:
+        """Record a data layer: its tops are the net's inputs, shaped as ``given`` or as the layer says."""
+        tops = list(lp.top)
+        shapes = [tuple(given[t]) for t in tops] if all(t in given for t in tops) else data_layer_shapes(lp)
+        shapes = [tuple(s) for s in shapes]
+        self.data_layers.append(lp)
+        self.input_names.extend(tops)
+        self.input_shapes.update(zip(tops, shapes))
+        return shapes
+
+    def _add_layer(self, lp: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
+        """Build a (non-data) layer on the shapes of its bottoms; returns its top shapes."""
+        module = L.build_layer(lp, [self.blob_shapes[b] for b in lp.bottom])
+        top_shapes = [tuple(s) for s in module.top_shapes()]
+        if len(top_shapes) != len(lp.top):
+            raise PrototxtError(f"layer '{lp.name}' ({lp.type}): needs {len(top_shapes)} tops")
+        self.layers[lp.name] = module
+        self.layer_params.append(lp)
+        self._record_loss(lp)
+        return top_shapes
 
     def _record_loss(self, lp: caffe_pb2.LayerParameter) -> None:
         # caffe: layer.hpp SetLossWeights -- *Loss layers weigh their first top 1 by default
@@ -119,57 +119,52 @@ class CaffeNet(nn.Module):
     _INPLACE_OK_AFTER = frozenset({"Convolution", "BatchNorm", "Scale", "Eltwise", "InnerProduct", "Pooling", "Concat"})
 
     def _plan_fusion(self) -> None:
-        """BatchNorm directly followed by a one-bottom Scale on its top runs as one batch_norm call
-        (the affine folded in, as torch's BatchNorm2d does); in-place ReLUs overwrite their input
-        where nothing else has read it yet and the producing layer does not need it for backward."""
-        consumers: dict[str, int] = {}
-        for lp in self.layer_params:
-            for b in lp.bottom:
-                consumers[b] = consumers.get(b, 0) + 1
+        """Plan the two speed-ups forward() takes, from the net's blob graph (net/graph.py)."""
+        g = blob_graph(self.layer_params)
+        self._plan_bn_scale(g)
+        self._plan_inplace(g)
+
+    def _plan_bn_scale(self, g: BlobGraph) -> None:
+        """BatchNorm directly followed by a one-bottom per-channel Scale on its top runs as one batch_norm call
+        (the affine folded in, as torch's BatchNorm2d does), where the Scale is in place or is the only layer
+        reading the BatchNorm's top blob (under any version)."""
         self._fused_scale: dict[str, str] = {}  # BatchNorm layer name -> Scale layer name
         self._bn_top: dict[str, str] = {}  # BatchNorm layer name -> its top blob
-        for lp, nxt in zip(self.layer_params, self.layer_params[1:]):
-            if lp.type == "BatchNorm" and nxt.type == "Scale" and list(nxt.bottom) == [lp.top[0]]:
-                sc = self.layers[nxt.name]
-                channels = self.blob_shapes[lp.top[0]][1]
-                per_channel = sc.axis == 1 and tuple(sc.weight.shape) == (channels,)
-                if per_channel and (nxt.top[0] == lp.top[0] or consumers.get(lp.top[0], 0) == 1):
-                    self._fused_scale[lp.name] = nxt.name
-                    self._bn_top[lp.name] = lp.top[0]
+        for k, (lp, nxt) in enumerate(zip(self.layer_params, self.layer_params[1:])):
+            if lp.type != "BatchNorm" or nxt.type != "Scale" or g.reads[k + 1] != g.writes[k][:1]:
+                continue
+            top = lp.top[0]
+            sc = self.layers[nxt.name]
+            per_channel = sc.axis == 1 and tuple(sc.weight.shape) == (self.blob_shapes[top][1],)
+            readers_of_top = [i for (blob, _), readers in g.readers.items() if blob == top for i in readers]
+            if per_channel and (nxt.top[0] == top or readers_of_top == [k + 1]):
+                self._fused_scale[lp.name] = nxt.name
+                self._bn_top[lp.name] = top
         self._fused_tops = {self._lp_index[s].top[0] for s in self._fused_scale.values()}
-        # Each value a blob takes (a "version") has one producer and a list of readers.
-        producer: dict[tuple[str, int], str] = {}
-        readers: dict[tuple[str, int], list[int]] = {}
-        version: dict[str, int] = {}
-        reads: list[list[tuple[str, int]]] = []
-        for k, lp in enumerate(self.layer_params):
-            reads.append([(b, version.get(b, 0)) for b in lp.bottom])
-            for key in reads[-1]:
-                readers.setdefault(key, []).append(k)
-            for t in lp.top:
-                version[t] = version.get(t, 0) + 1
-                producer[(t, version[t])] = lp.type
 
-        def overwritable(key: tuple[str, int], k: int) -> bool:
-            # only layer k reads this value, and its producer does not keep it for backward
-            return readers.get(key) == [k] and producer.get(key) in self._INPLACE_OK_AFTER
+    def _plan_inplace(self, g: BlobGraph) -> None:
+        """In-place ReLUs, and Eltwise SUMs adding into one of their bottoms (torchvision's ``out += identity``,
+        a large allocation saved per residual block), where they overwrite a value that only they read and
+        whose producer does not keep it for backward."""
 
-        # Eltwise SUM layers that may add into one of their bottoms (torchvision's `out += identity`):
-        # layer name -> index of that bottom. Saves a large allocation per residual block.
-        self._inplace_sum: dict[str, int] = {}
+        def overwritable(value: Value, k: int) -> bool:
+            producer = g.producer.get(value)  # None: a net input
+            ok_after = producer is not None and self.layer_params[producer].type in self._INPLACE_OK_AFTER
+            return g.readers[value] == [k] and ok_after
+
+        self._inplace_sum: dict[str, int] = {}  # Eltwise layer name -> index of the bottom it adds into
         for k, lp in enumerate(self.layer_params):
             module = self.layers[lp.name]
             if lp.type == "ReLU" and list(lp.top) == list(lp.bottom):
-                key = reads[k][0]
-                if readers.get(key, [])[:1] == [k] and producer.get(key) in self._INPLACE_OK_AFTER:
-                    module.inplace = True  # nothing read the value before; later readers want it rectified
+                # nothing read the value before; later readers read the ReLU's own (rectified) version
+                module.inplace = overwritable(g.reads[k][0], k)
             elif (
                 lp.type == "Eltwise"
                 and module.op == caffe_pb2.EltwiseParameter.SUM
                 and len(set(lp.bottom)) == len(lp.bottom)
             ):
-                for i, key in enumerate(reads[k]):
-                    if module.coeff[i] == 1.0 and overwritable(key, k):
+                for i, value in enumerate(g.reads[k]):
+                    if module.coeff[i] == 1.0 and overwritable(value, k):
                         self._inplace_sum[lp.name] = module.inplace_index = i
                         break
 
@@ -240,7 +235,7 @@ class CaffeNet(nn.Module):
                     out.append((lp.name, i, p, spec.lr_mult, spec.decay_mult))
         return out
 
-    # --- caffemodel I/O ---------------------------------------------------------------------
+    # --- caffemodel I/O (net/weights.py) ------------------------------------------------------
 
     def to_proto(self, with_blobs: bool = True) -> caffe_pb2.NetParameter:
         """The net as a NetParameter (what Caffe's Net::ToProto writes), blobs included."""
@@ -252,9 +247,7 @@ class CaffeNet(nn.Module):
             out.CopyFrom(params[name])
             out.ClearField("blobs")
             if with_blobs and name in self.layers:
-                for i, t in enumerate(self.layers[name].blobs()):
-                    legacy = (name, i) in self._legacy
-                    out.blobs.append(array_to_blob(t.detach().float().cpu().numpy(), legacy=legacy))
+                out.blobs.extend(layer_blobs(name, self.layers[name], self._legacy))
         return net
 
     def save_caffemodel(self, path: str | os.PathLike) -> None:
@@ -263,9 +256,7 @@ class CaffeNet(nn.Module):
 
     def load_caffemodel(self, path: str | os.PathLike) -> None:
         """Copy weights by layer name from a .caffemodel (or several, comma-separated)."""
-        for one in str(path).split(","):
-            p = Path(one)
-            src = read_binary_proto(p, caffe_pb2.NetParameter(), "caffemodel (binary NetParameter)")
+        for p, src in read_caffemodels(path):
             try:
                 self.copy_from(src)
             except ValueError as e:
@@ -273,35 +264,7 @@ class CaffeNet(nn.Module):
 
     def copy_from(self, src: caffe_pb2.NetParameter) -> None:
         """caffe: Net::CopyTrainedLayersFrom -- layers matched by name; unknown source layers ignored."""
-        if not any(lp.blobs for lp in src.layer):
-            raise ValueError("no layer carries weights (V1 'layers' caffemodels are not supported)")
-        modules = dict(self.layers.items())
-        for lp in src.layer:
-            if not lp.blobs:
-                continue
-            if lp.name not in modules:
-                log.info("Ignoring source layer %s", lp.name)
-                continue
-            targets = modules[lp.name].blobs()
-            if len(lp.blobs) != len(targets):
-                raise ValueError(
-                    f"layer '{lp.name}': weights file has {len(lp.blobs)} blobs, the net has {len(targets)}"
-                )
-            for i, (blob, t) in enumerate(zip(lp.blobs, targets)):
-                src_shape = blob_shape(blob)
-                want = tuple(t.shape)
-                legacy = is_legacy(blob)
-                same = src_shape == want or (legacy and src_shape == (1,) * (4 - len(want)) + want)
-                if not same:
-                    raise ValueError(
-                        f"layer '{lp.name}' blob {i}: shape mismatch: weights file has {src_shape}, net has {want}"
-                    )
-                with torch.no_grad():
-                    t.copy_(torch.from_numpy(blob_to_array(blob).reshape(want)))
-                if legacy:
-                    self._legacy.add((lp.name, i))
-                else:
-                    self._legacy.discard((lp.name, i))
+        copy_trained_layers(self.layers, src, self._legacy)
 
 
 def load_net(

@@ -106,25 +106,24 @@ def _objective(net: CaffeNet, out: dict[str, torch.Tensor]) -> torch.Tensor:
 def time_net(
     model_path: str | os.PathLike,
     iterations: int = 50,
-    gpu: int | None = None,
+    device: str = "cpu",
     phase: str = "train",
     batch: int | None = None,
 ) -> dict:
     """Caffe's ``caffe time``: average forward and backward time per layer and per iteration (ms).
 
     Like Caffe it runs the net in ``phase`` (TRAIN by default) on its own batch size (``batch``
-    overrides it) after one untimed forward + backward, on random data and labels 0.
+    overrides it) after one untimed forward + backward, on random data and labels 0, on ``device``
+    (a torch device string: "cpu", "cuda:0").
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, not {iterations}")
-    if gpu is not None and not torch.cuda.is_available():
-        raise ValueError(f"--gpu {gpu}: no CUDA device is available")
-    device = torch.device("cpu" if gpu is None else f"cuda:{gpu}")
-    net = load_at_batch(model_path, phase, batch).to(device)
+    dev = torch.device(device)
+    net = load_at_batch(model_path, phase, batch).to(dev)
     inputs = {}
     for name in net.input_names:
         shape = net.input_shapes[name]
-        inputs[name] = torch.zeros(shape, device=device) if len(shape) == 1 else torch.randn(shape, device=device)
+        inputs[name] = torch.zeros(shape, device=dev) if len(shape) == 1 else torch.randn(shape, device=dev)
     log.info("Performing Forward")
     loss = _objective(net, net(**inputs))
     log.info("Initial loss: %g", loss.item())
@@ -133,25 +132,9 @@ def time_net(
         loss.backward()
     log.info("*** Benchmark begins ***")
     log.info("Testing for %d iterations.", iterations)
-    timer = _LayerTimer(net, device)
-    forward_s = backward_s = 0.0
+    timer = _LayerTimer(net, dev)
     try:
-        total0 = time.perf_counter()
-        for i in range(iterations):
-            net.zero_grad(set_to_none=True)
-            _sync(device)
-            t0 = time.perf_counter()
-            loss = _objective(net, net(**inputs))
-            _sync(device)
-            t1 = time.perf_counter()
-            if loss.requires_grad:
-                loss.backward()
-            _sync(device)
-            t2 = time.perf_counter()
-            forward_s += t1 - t0
-            backward_s += t2 - t1
-            log.info("Iteration: %d forward-backward time: %.3f ms.", i + 1, (t2 - t0) * 1e3)
-        total_s = time.perf_counter() - total0
+        times = _timed_iterations(net, inputs, iterations, dev)
     finally:
         timer.remove()
     log.info("Average time per layer: ")
@@ -162,16 +145,39 @@ def time_net(
         layers.append((lp.name, fwd, bwd))
         log.info("%10s\tforward: %.5f ms.", lp.name, fwd)
         log.info("%10s\tbackward: %.5f ms.", lp.name, bwd)
-    result = {
-        "layers": layers,
-        "forward_ms": forward_s * 1e3 / iterations,
-        "backward_ms": backward_s * 1e3 / iterations,
-        "forward_backward_ms": total_s * 1e3 / iterations,
-        "total_ms": total_s * 1e3,
-    }
+    result = {"layers": layers, **times}
     log.info("Average Forward pass: %.3f ms.", result["forward_ms"])
     log.info("Average Backward pass: %.3f ms.", result["backward_ms"])
     log.info("Average Forward-Backward: %.3f ms.", result["forward_backward_ms"])
     log.info("Total Time: %.3f ms.", result["total_ms"])
     log.info("*** Benchmark ends ***")
     return result
+
+
+def _timed_iterations(
+    net: CaffeNet, inputs: dict[str, torch.Tensor], iterations: int, device: torch.device
+) -> dict[str, float]:
+    """Run and time ``iterations`` forward + backward passes; the averages (ms) and the total."""
+    forward_s = backward_s = 0.0
+    total0 = time.perf_counter()
+    for i in range(iterations):
+        net.zero_grad(set_to_none=True)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = _objective(net, net(**inputs))
+        _sync(device)
+        t1 = time.perf_counter()
+        if loss.requires_grad:
+            loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        forward_s += t1 - t0
+        backward_s += t2 - t1
+        log.info("Iteration: %d forward-backward time: %.3f ms.", i + 1, (t2 - t0) * 1e3)
+    total_s = time.perf_counter() - total0
+    return {
+        "forward_ms": forward_s * 1e3 / iterations,
+        "backward_ms": backward_s * 1e3 / iterations,
+        "forward_backward_ms": total_s * 1e3 / iterations,
+        "total_ms": total_s * 1e3,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 from typing import TYPE_CHECKING
 
@@ -13,10 +14,12 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    defaults = {k: v.default for k, v in inspect.signature(print_summary).parameters.items()}
     p = add_command(sub, "summary")
     p.add_argument("--model", required=True, help="net prototxt")
-    p.add_argument("--phase", default="test", choices=["train", "test"])
-    p.add_argument("--batch", type=int, default=1, help="batch size to report shapes for (default 1)")
+    p.add_argument("--phase", default=defaults["phase"], choices=["train", "test"])
+    batch = defaults["batch"]
+    p.add_argument("--batch", type=int, default=batch, help=f"batch size to report shapes for (default {batch})")
     p.set_defaults(func=run)
 
 

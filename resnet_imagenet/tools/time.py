@@ -3,22 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
+from resnet_imagenet.net.timing import time_net
 from resnet_imagenet.tools import add_command
+from resnet_imagenet.tools._flags import add_gpu_flag, one_device
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    defaults = {k: v.default for k, v in inspect.signature(time_net).parameters.items()}
     p = add_command(sub, "time")
     p.add_argument("--model", required=True, help="net prototxt")
-    p.add_argument("--iterations", type=int, default=50, help="timed iterations (default 50, as caffe time)")
-    p.add_argument("--gpu", type=int, default=None, help="CUDA device id (default: CPU)")
-    p.add_argument("--phase", default="train", choices=["train", "test"], help="default train, as caffe time")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: the data layers' own)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=defaults["iterations"],
+        help=f"timed iterations (default {defaults['iterations']}, as caffe time)",
+    )
+    add_gpu_flag(p, default="CPU")
+    p.add_argument(
+        "--phase",
+        default=defaults["phase"],
+        choices=["train", "test"],
+        help=f"default {defaults['phase']}, as caffe time",
+    )
+    p.add_argument("--batch", type=int, default=defaults["batch"], help="batch size (default: the data layers' own)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from resnet_imagenet.net.timing import time_net
-
-    time_net(args.model, iterations=args.iterations, gpu=args.gpu, phase=args.phase, batch=args.batch)
+    device = one_device(args.gpu)
+    time_net(args.model, iterations=args.iterations, device=device, phase=args.phase, batch=args.batch)
     return 0

@@ -1,54 +1,52 @@
-"""Caffe's layer catalogue. Importing this package registers every layer family (no import at a module's bottom)."""
+"""Caffe's layer catalogue, grouped into Caffe's families: base (the registry, CaffeLayer, fillers), vision,
+neuron, common and loss. Importing this package registers every family's types (no import at a module's
+bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
+"""
 
-from resnet_imagenet.net.layers import base, misc  # noqa: F401  (each family registers its types on import)
-from resnet_imagenet.net.layers.base import (
+from resnet_imagenet.net.layers import common, loss, neuron, vision  # noqa: F401  (each family registers on import)
+from resnet_imagenet.net.layers.base import LAYERS, CaffeLayer, build_layer, fill_, register
+from resnet_imagenet.net.layers.common import (
     BatchNorm,
-    CaffeLayer,
-    Convolution,
-    InnerProduct,
-    Pooling,
-    Scale,
-    build_layer,
-    fill_,
-    register,
-)
-from resnet_imagenet.net.layers.misc import (
-    LRN,
-    Accuracy,
     Concat,
-    Dropout,
     Eltwise,
     Filter,
     Flatten,
-    ReLU,
-    Sigmoid,
+    InnerProduct,
+    Scale,
     Softmax,
-    SoftmaxWithLoss,
     Split,
-    TanH,
 )
+from resnet_imagenet.net.layers.loss import Accuracy, SoftmaxWithLoss
+from resnet_imagenet.net.layers.neuron import Dropout, ReLU, Sigmoid, TanH
+from resnet_imagenet.net.layers.vision import LRN, Convolution, Pooling
 
 __all__ = [
+    # base
+    "LAYERS",
     "register",
     "build_layer",
     "CaffeLayer",
     "fill_",
+    # vision
     "Convolution",
     "Pooling",
-    "BatchNorm",
-    "Scale",
-    "InnerProduct",
+    "LRN",
+    # neuron
     "ReLU",
     "Sigmoid",
     "TanH",
     "Dropout",
+    # common
+    "InnerProduct",
+    "BatchNorm",
+    "Scale",
     "Eltwise",
     "Concat",
     "Flatten",
     "Split",
-    "LRN",
     "Softmax",
+    "Filter",
+    # loss
     "SoftmaxWithLoss",
     "Accuracy",
-    "Filter",
 ]

@@ -1,16 +1,12 @@
-"""summary and time on the zoo nets: exact parameter and MAC counts, Caffe's shapes, per-layer timing."""
+"""summary on the zoo nets: exact parameter and MAC counts and Caffe's shapes (net/cost.py)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import pytest
-import torch
-
 from resnet_imagenet import cli
 from resnet_imagenet.net.cost import summarize
-from resnet_imagenet.net.timing import time_net
 
 ZOO = Path(__file__).resolve().parents[1] / "prototxt_like"
 
@@ -77,25 +73,3 @@ def test_summary_command(capsys) -> None:
     out = capsys.readouterr().out
     assert "Total learnable parameters: 132,202" in out
     assert re.search(r"^pool1\s+Pooling\s+2x16x16x16\s", out, re.M)
-
-
-@pytest.mark.parametrize(("model", "phase"), [("train_val", "train"), ("deploy", "test")])
-def test_time_net_per_layer_and_per_iteration(model: str, phase: str) -> None:
-    r = time_net(ZOO / "resnet_tiny" / f"{model}.prototxt", iterations=2, phase=phase, batch=2)
-    layers = {name: (fwd, bwd) for name, fwd, bwd in r["layers"]}
-    assert list(layers)[:3] == ["conv1", "bn_conv1", "scale_conv1"]
-    types = {x.name: x.type for x in summarize(ZOO / "resnet_tiny" / f"{model}.prototxt", phase).layers}
-    weighted = [n for n in layers if types[n] in ("Convolution", "InnerProduct")]
-    assert len(weighted) == 17 and all(layers[n][0] > 0 and layers[n][1] > 0 for n in weighted)
-    # Layer times are taken inside the timed passes, so they add up to no more than the passes.
-    assert 0 < sum(f for f, _ in layers.values()) <= r["forward_ms"]
-    assert 0 < sum(b for _, b in layers.values()) <= r["backward_ms"]
-    assert r["forward_backward_ms"] >= r["forward_ms"] + r["backward_ms"]
-
-
-def test_time_command_refuses_a_missing_gpu(capsys) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
-    model = str(ZOO / "resnet_tiny" / "deploy.prototxt")
-    assert cli.main(["time", "--model", model, "--gpu", "0", "--iterations", "1"]) == 1
-    assert "no CUDA device" in capsys.readouterr().err

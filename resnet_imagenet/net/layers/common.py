@@ -1,4 +1,5 @@
-"""Element-wise, shape, normalization, loss and selection layers of the registry (see layers.py)."""
+"""Common layers: InnerProduct, BatchNorm, Scale, Eltwise, Concat, Flatten, Split, Softmax, Filter
+(BVLC Caffe's include/caffe/common_layers.hpp; Scale has its own header there, scale_layer.hpp)."""
 
 from __future__ import annotations
 
@@ -6,46 +7,119 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from resnet_imagenet.net.layers.base import CaffeLayer, register
+from resnet_imagenet.net.layers.base import CaffeLayer, fill_, filler_of, register
 from resnet_imagenet.proto import caffe_pb2
 
 
-@register("ReLU")
-class ReLU(CaffeLayer):
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        self.negative_slope = param.relu_param.negative_slope
-        self.inplace = False  # set by CaffeNet where overwriting the bottom is safe
-
-    def forward(self, x):
-        if self.negative_slope:
-            return F.leaky_relu(x, self.negative_slope, inplace=self.inplace)
-        return F.relu_(x) if self.inplace else F.relu(x)
-
-
-@register("Sigmoid")
-class Sigmoid(CaffeLayer):
-    def forward(self, x):
-        return torch.sigmoid(x)
-
-
-@register("TanH")
-class TanH(CaffeLayer):
-    def forward(self, x):
-        return torch.tanh(x)
-
-
-@register("Dropout")
-class Dropout(CaffeLayer):
-    """Caffe scales kept units by 1/(1-p) while training (inverted dropout), as torch does."""
+@register("InnerProduct")
+class InnerProduct(CaffeLayer):
+    blob_names = ("weight", "bias")
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
-        self.p = param.dropout_param.dropout_ratio
+        p = param.inner_product_param
+        shape = bottom_shapes[0]
+        self.axis = p.axis % len(shape)
+        k = math.prod(shape[self.axis :])
+        self.transpose = p.transpose
+        self.weight = nn.Parameter(torch.empty((k, p.num_output) if p.transpose else (p.num_output, k)))
+        fill_(self.weight, filler_of(p, "weight_filler"))
+        self.bias = None
+        if p.bias_term:
+            self.bias = nn.Parameter(torch.empty(p.num_output))
+            fill_(self.bias, filler_of(p, "bias_filler"))
+        self.num_output = p.num_output
+
+    def top_shapes(self):
+        return [self.bottom_shapes[0][: self.axis] + (self.num_output,)]
+
+    def macs(self) -> int:
+        """Per image (the first axis): outputs x inputs for each position of the axes before ``axis``."""
+        return self.weight.numel() * math.prod(self.bottom_shapes[0][1 : self.axis])
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training)
+        x = x.flatten(self.axis)
+        w = self.weight.t() if self.transpose else self.weight
+        return F.linear(x, w, self.bias)
+
+
+@register("BatchNorm")
+class BatchNorm(CaffeLayer):
+    """Caffe's BatchNorm: no affine; three blobs (mean sum, variance sum, scale factor).
+
+    Stored statistics are divided by the scale factor at use (caffe: batch_norm_layer.cpp).
+    Batch statistics are used when training unless use_global_stats says otherwise.
+    """
+
+    blob_names = ("mean", "variance", "scale_factor")
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        p = param.batch_norm_param
+        c = bottom_shapes[0][1]
+        self.use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else None
+        self.maf = p.moving_average_fraction
+        self.eps = p.eps
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("variance", torch.zeros(c))
+        self.register_buffer("scale_factor", torch.zeros(1))
+
+    def global_stats(self) -> bool:
+        return (not self.training) if self.use_global_stats is None else self.use_global_stats
+
+    def forward(self, x, weight=None, bias=None):
+        if self.global_stats():
+            sf = self.scale_factor[0]
+            inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
+            return F.batch_norm(x, self.mean * inv, self.variance * inv, weight, bias, False, 0.0, self.eps)
+        # With momentum 1 torch's running buffers receive exactly this batch's mean and its
+        # unbiased variance (m / (m - 1) correction, as Caffe), computed in the same kernel.
+        batch_mean = torch.zeros_like(self.mean)
+        batch_var = torch.zeros_like(self.variance)
+        y = F.batch_norm(x, batch_mean, batch_var, weight, bias, True, 1.0, self.eps)
+        with torch.no_grad():
+            # caffe: blobs = batch stat + moving_average_fraction * blobs; factor = factor * maf + 1
+            self.scale_factor.mul_(self.maf).add_(1.0)
+            self.mean.mul_(self.maf).add_(batch_mean)
+            self.variance.mul_(self.maf).add_(batch_var)
+        return y
+
+
+@register("Scale")
+class Scale(CaffeLayer):
+    """y = x * scale (+ bias), the scale learned (one bottom) or given as a second bottom."""
+
+    blob_names = ("weight", "bias")
+    n_bottoms = (1, 2)
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        p = param.scale_param
+        shape = bottom_shapes[0]
+        self.axis = p.axis % len(shape) if shape else 0
+        if len(bottom_shapes) == 2:
+            pshape = bottom_shapes[1]
+            self.weight = None
+        else:
+            end = len(shape) if p.num_axes == -1 else self.axis + p.num_axes
+            pshape = shape[self.axis : end]
+            self.weight = nn.Parameter(torch.empty(pshape))
+            fill_(self.weight, filler_of(p, "filler"), default=1.0)
+        if shape[self.axis : self.axis + len(pshape)] != tuple(pshape):
+            raise ValueError(f"scale shape {pshape} does not match input {shape} at axis {self.axis}")
+        self.view = tuple(pshape) + (1,) * (len(shape) - self.axis - len(pshape))
+        self.bias = None
+        if p.bias_term:
+            self.bias = nn.Parameter(torch.empty(pshape))
+            fill_(self.bias, filler_of(p, "bias_filler"), default=0.0)
+
+    def forward(self, x, scale=None):
+        s = (self.weight if scale is None else scale).reshape(self.view)
+        if self.bias is None:
+            return x * s
+        return torch.addcmul(self.bias.reshape(self.view), x, s)
 
 
 @register("Eltwise")
@@ -148,27 +222,6 @@ class Split(CaffeLayer):
         return (x,) * self.n_tops
 
 
-@register("LRN")
-class LRN(CaffeLayer):
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        p = param.lrn_param
-        if p.local_size % 2 == 0:
-            raise ValueError(f"local_size must be odd, got {p.local_size}")
-        self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
-        self.across = p.norm_region == caffe_pb2.LRNParameter.ACROSS_CHANNELS
-
-    def forward(self, x):
-        if self.across:
-            # caffe: scale = k + alpha / n * sum over n neighbouring channels of x^2; y = x * scale^-beta
-            return F.local_response_norm(x, self.size, self.alpha, self.beta, self.k)
-        # caffe: WITHIN_CHANNEL -- (1 + alpha * avg over a size x size window of x^2)^-beta,
-        # the average counting the zero padding
-        pad = (self.size - 1) // 2
-        avg = F.avg_pool2d(x * x, self.size, 1, pad, count_include_pad=True)
-        return x * (1.0 + self.alpha * avg).pow(-self.beta)
-
-
 @register("Softmax")
 class Softmax(CaffeLayer):
     def __init__(self, param, bottom_shapes):
@@ -177,83 +230,6 @@ class Softmax(CaffeLayer):
 
     def forward(self, x):
         return F.softmax(x, self.axis)
-
-
-_NEG_LOG_FLT_MIN = -math.log(torch.finfo(torch.float32).tiny)  # 87.3365
-
-
-def _labels(label: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Caffe stores labels as floats; index with int64, shaped like the score map without its class axis."""
-    return label.reshape(like.shape[0], *like.shape[2:]).long()
-
-
-@register("SoftmaxWithLoss")
-class SoftmaxWithLoss(CaffeLayer):
-    n_bottoms = (2, 2)
-
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        lp = param.loss_param
-        self.ignore = lp.ignore_label if lp.HasField("ignore_label") else None
-        mode = lp.normalization
-        if not lp.HasField("normalization") and lp.HasField("normalize"):
-            # caffe: the deprecated `normalize: false` means BATCH_SIZE
-            mode = caffe_pb2.LossParameter.VALID if lp.normalize else caffe_pb2.LossParameter.BATCH_SIZE
-        self.mode = mode
-        if param.softmax_param.axis != 1:
-            raise ValueError("only softmax axis 1 is supported")
-
-    def top_shapes(self):
-        return [()]
-
-    def forward(self, x, label):
-        label = _labels(label, x)
-        ignore = -100 if self.ignore is None else self.ignore
-        nll = F.cross_entropy(x, label, ignore_index=ignore, reduction="none")
-        # caffe: loss -= log(max(prob, FLT_MIN)) -- each sample's loss is capped at -log(FLT_MIN), while
-        # the gradient stays prob - 1 (the cap is applied to the value only)
-        capped = nll.detach().clamp(max=_NEG_LOG_FLT_MIN)
-        total = (nll + (capped - nll.detach())).sum()
-        # caffe: softmax_loss_layer.cpp get_normalizer
-        if self.mode == caffe_pb2.LossParameter.VALID and self.ignore is not None:
-            norm = (label != self.ignore).sum().clamp(min=1).to(total.dtype)
-        elif self.mode in (caffe_pb2.LossParameter.VALID, caffe_pb2.LossParameter.FULL):
-            norm = label.numel()
-        elif self.mode == caffe_pb2.LossParameter.BATCH_SIZE:
-            norm = x.shape[0]
-        else:
-            norm = 1
-        return total / norm
-
-
-@register("Accuracy")
-class Accuracy(CaffeLayer):
-    """Fraction of samples whose true class is among the top_k scores; ties count against it."""
-
-    n_bottoms = (2, 2)
-
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        p = param.accuracy_param
-        self.top_k = p.top_k
-        self.ignore = p.ignore_label if p.HasField("ignore_label") else None
-        if p.axis != 1:
-            raise ValueError("only axis 1 is supported")
-
-    def top_shapes(self):
-        return [()]
-
-    def forward(self, x, label):
-        with torch.no_grad():
-            label = _labels(label, x)
-            valid = torch.ones_like(label, dtype=torch.bool) if self.ignore is None else label != self.ignore
-            safe = torch.where(valid, label, torch.zeros_like(label))
-            true_score = x.gather(1, safe.unsqueeze(1))
-            # caffe: accuracy_layer.cpp -- count scores >= the true class's score (itself included);
-            # correct when fewer than top_k others reach it
-            better = (x >= true_score).sum(1) - 1
-            correct = ((better < self.top_k) & valid).sum()
-            return correct.float() / valid.sum().clamp(min=1).float()
 
 
 @register("Filter")
