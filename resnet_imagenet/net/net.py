@@ -109,7 +109,13 @@ class CaffeNet(nn.Module):
         return top_shapes
 
     def _record_loss(self, lp: caffe_pb2.LayerParameter) -> None:
-        # caffe: layer.hpp SetLossWeights -- *Loss layers weigh their first top 1 by default
+        # caffe: layer.hpp SetLossWeights -- *Loss layers weigh their first top 1 by default (other tops 0);
+        # given weights number one per top
+        if lp.loss_weight and len(lp.loss_weight) != len(lp.top):
+            raise PrototxtError(
+                f"layer '{lp.name}': loss_weight must be unspecified or given once per top blob "
+                f"({len(lp.loss_weight)} for {len(lp.top)} tops)"
+            )
         weights = list(lp.loss_weight) or ([1.0] if lp.type.endswith("Loss") else [])
         for top, w in zip(lp.top, weights):
             if w:

@@ -3,7 +3,7 @@ neuron, common and loss. Importing this package registers every family's types (
 bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
 """
 
-from resnet_imagenet.net.layers import common, loss, neuron, vision  # noqa: F401  (each family registers on import)
+from resnet_imagenet.net.layers import common, loss, loss_distance, neuron, vision  # noqa: F401  (each registers)
 from resnet_imagenet.net.layers.base import LAYERS, CaffeLayer, build_layer, fill_, register
 from resnet_imagenet.net.layers.common import (
     BatchNorm,
@@ -16,7 +16,14 @@ from resnet_imagenet.net.layers.common import (
     Softmax,
     Split,
 )
-from resnet_imagenet.net.layers.loss import Accuracy, SoftmaxWithLoss
+from resnet_imagenet.net.layers.loss import (
+    Accuracy,
+    InfogainLoss,
+    MultinomialLogisticLoss,
+    SigmoidCrossEntropyLoss,
+    SoftmaxWithLoss,
+)
+from resnet_imagenet.net.layers.loss_distance import ContrastiveLoss, EuclideanLoss, HingeLoss
 from resnet_imagenet.net.layers.neuron import Dropout, ReLU, Sigmoid, TanH
 from resnet_imagenet.net.layers.vision import LRN, Convolution, Pooling
 
@@ -49,4 +56,10 @@ __all__ = [
     # loss
     "SoftmaxWithLoss",
     "Accuracy",
+    "SigmoidCrossEntropyLoss",
+    "InfogainLoss",
+    "MultinomialLogisticLoss",
+    "EuclideanLoss",
+    "ContrastiveLoss",
+    "HingeLoss",
 ]
