@@ -3,7 +3,7 @@ neuron, common and loss. Importing this package registers every family's types (
 bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
 """
 
-from resnet_imagenet.net.layers import common, loss, loss_distance, neuron, vision  # noqa: F401  (each registers)
+from resnet_imagenet.net.layers import common, data, loss, loss_distance, neuron, vision  # noqa: F401  (registers)
 from resnet_imagenet.net.layers.base import LAYERS, CaffeLayer, build_layer, fill_, register
 from resnet_imagenet.net.layers.common import (
     BatchNorm,
@@ -16,6 +16,7 @@ from resnet_imagenet.net.layers.common import (
     Softmax,
     Split,
 )
+from resnet_imagenet.net.layers.data import DummyData, HDF5Data, HDF5Output
 from resnet_imagenet.net.layers.loss import (
     Accuracy,
     InfogainLoss,
@@ -62,4 +63,8 @@ __all__ = [
     "EuclideanLoss",
     "ContrastiveLoss",
     "HingeLoss",
+    # data
+    "DummyData",
+    "HDF5Data",
+    "HDF5Output",
 ]
