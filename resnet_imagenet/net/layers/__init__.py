@@ -3,7 +3,7 @@ neuron, common and loss. Importing this package registers every family's types (
 bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
 """
 
-from resnet_imagenet.net.layers import common, data, loss, loss_distance, neuron, vision  # noqa: F401  (registers)
+from resnet_imagenet.net.layers import common, data, loss, loss_distance, neuron, recurrent, vision  # noqa: F401
 from resnet_imagenet.net.layers.base import LAYERS, CaffeLayer, build_layer, fill_, register
 from resnet_imagenet.net.layers.common import (
     BatchNorm,
@@ -26,6 +26,7 @@ from resnet_imagenet.net.layers.loss import (
 )
 from resnet_imagenet.net.layers.loss_distance import ContrastiveLoss, EuclideanLoss, HingeLoss
 from resnet_imagenet.net.layers.neuron import Dropout, ReLU, Sigmoid, TanH
+from resnet_imagenet.net.layers.recurrent import LSTM, RNN, LSTMUnit
 from resnet_imagenet.net.layers.vision import LRN, Convolution, Pooling
 
 __all__ = [
@@ -63,6 +64,10 @@ __all__ = [
     "EuclideanLoss",
     "ContrastiveLoss",
     "HingeLoss",
+    # recurrent
+    "RNN",
+    "LSTM",
+    "LSTMUnit",
     # data
     "DummyData",
     "HDF5Data",
