@@ -433,3 +433,25 @@ def test_infogain_gradient_is_caffes_where_the_clamp_bites():
 def test_bad_bottoms_are_refused_naming_the_layer(text, shapes, match):
     with pytest.raises(PrototxtError, match=f"layer 'bad'.*{match}"):
         L.build_layer(parse_text('name: "bad" ' + text, caffe_pb2.LayerParameter()), shapes)
+
+
+def test_net_loss_weights_every_loss_type_and_only_the_first_top_by_default():
+    from resnet_imagenet.net.net import CaffeNet
+
+    text = (
+        'layer { name: "in" type: "Input" top: "x" top: "y" top: "t" '
+        "input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } shape { dim: 2 } } } "
+        'layer { name: "e" type: "EuclideanLoss" bottom: "x" bottom: "y" top: "e" loss_weight: 0.5 } '
+        'layer { name: "s" type: "SoftmaxWithLoss" bottom: "x" bottom: "t" top: "s" top: "prob" } '
+        'layer { name: "h" type: "HingeLoss" bottom: "y" bottom: "t" top: "h" }'
+    )
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+    assert net.loss_weights == {"e": 0.5, "s": 1.0, "h": 1.0}  # caffe: the prob top weighs 0
+    r = np.random.default_rng(0)
+    x, y, t = r.normal(size=(2, 3)), r.normal(size=(2, 3)), np.array([0.0, 2.0])
+    out = net(*[torch.from_numpy(a) for a in (x, y, t)])
+    want = 0.5 * euclidean_ref(x, y) + softmax_loss_ref(x, t) + hinge_ref(y, t)
+    assert net.loss(out).item() == pytest.approx(want, rel=1e-6)
+    bad = text.replace("loss_weight: 0.5", "loss_weight: 0.5 loss_weight: 1")
+    with pytest.raises(PrototxtError, match="layer 'e': loss_weight must be unspecified or given once per top"):
+        CaffeNet(parse_text(bad, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
