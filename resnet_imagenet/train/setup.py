@@ -162,8 +162,11 @@ def build_feeds(
     workers: int,
     device: torch.device,
     channels_last: bool,
+    order: str = "shuffle",
 ) -> Feeds:
-    """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on."""
+    """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on.
+
+    ``order``: a TRAIN Data layer's record order (data/feed.py: Caffe's ``keys``, or ``shuffle``)."""
     out = []
     for lp in net.data_layers:
         if lp.type not in ("Data", "ImageData"):
@@ -177,6 +180,7 @@ def build_feeds(
             num_workers=workers,
             device=device,
             channels_last=channels_last,
+            order=order,
         )
         out.append((feed, list(lp.top)))
     if not out:

@@ -104,7 +104,9 @@ class Trainer:
         if workers is None:
             workers = max(1, min(8, (os.cpu_count() or 2) // P.local_world_size - 1))
         kw = {"seed": self.seed, "workers": workers, "device": P.device, "channels_last": self.prec.channels_last}
-        self.feeds: Feeds = build_feeds(self.net, TRAIN, rank=P.rank, world=P.world_size, **kw)
+        self.feeds: Feeds = build_feeds(
+            self.net, TRAIN, rank=P.rank, world=P.world_size, order=self.opts.data_order, **kw
+        )
         self.test_feeds: list[Feeds] = [build_feeds(t, TEST, rank=0, world=1, **kw) for t in self.test_nets]
 
     def _log_setup(self) -> None:
