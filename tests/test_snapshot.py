@@ -33,25 +33,32 @@ def test_snapshot_prefix_rules(tmp_path, monkeypatch):
     assert resolve_snapshot_prefix(solver('snapshot_prefix: "existing"'), "solver.prototxt") == "existing/solver"
 
 
+SIDE = {"seed": 1, "world_size": 1, "solver_type": "SGD", "rng": [{"torch": torch.zeros(4, dtype=torch.uint8)}],
+        "train_feeds": [[]], "test_feeds": [], "smoothing": {}, "scaler": {}}  # fmt: skip
+
+
 def test_pair_roundtrip_and_failed_write_keeps_previous(tmp_path):
     net = load_net(parse_text(NET, caffe_pb2.NetParameter()), phase="test")
     prefix = str(tmp_path / "snap" / "n")
-    model, state = save_snapshot(net, {"history": [torch.ones(3)]}, prefix, 10)
+    hist = [torch.ones(3, 2), torch.ones(3)]
+    model, state = save_snapshot(net, prefix, 10, history=hist, current_step=0, extra=SIDE)
     assert (model.name, state.name) == ("n_iter_10.caffemodel", "n_iter_10.solverstate")
-    loaded, model_path = load_solverstate(state)
-    assert loaded["iter"] == 10 and model_path == model and torch.equal(loaded["history"][0], torch.ones(3))
+    loaded = load_solverstate(state, max_iter=10)
+    assert loaded.iter == 10 and loaded.model == model and torch.equal(loaded.history[0], torch.ones(3, 2))
     before = state.read_bytes()
     # a state torch cannot save fails the write: the previous files stay, no temporary file is left
     with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
-        save_snapshot(net, {"bad": lambda: 0}, prefix, 10)
+        save_snapshot(net, prefix, 10, history=hist, current_step=0, extra={**SIDE, "bad": lambda: 0})
     assert state.read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == ["n_iter_10.caffemodel", "n_iter_10.solverstate"]
+    assert sorted(p.name for p in (tmp_path / "snap").iterdir()) == [
+        "n_iter_10.caffemodel", "n_iter_10.solverstate", "n_iter_10.solverstate.resnet_imagenet.pt"
+    ]  # fmt: skip
 
 
 def test_not_a_solverstate_is_a_clear_error(tmp_path):
     bad = tmp_path / "x.solverstate"
     bad.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a solverstate"):
-        load_solverstate(bad)
+        load_solverstate(bad, max_iter=10)
     with pytest.raises(FileNotFoundError, match="no such solverstate"):
-        load_solverstate(tmp_path / "missing.solverstate")
+        load_solverstate(tmp_path / "missing.solverstate", max_iter=10)

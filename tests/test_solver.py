@@ -1,4 +1,4 @@
-"""Caffe's updates (SGD, Nesterov, Adam) against values computed by hand from sgd_solver.cpp's formulas."""
+"""Caffe's updates (SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam) against hand-computed values."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ def solver(text: str) -> caffe_pb2.SolverParameter:
 @pytest.mark.parametrize(
     "text, msg",
     [
-        ('type: "AdaGrad" lr_policy: "fixed"', "AdaGrad"),
+        ('type: "Adagrad" lr_policy: "fixed"', "Adagrad"),
+        ('type: "AdaGrad" lr_policy: "fixed" momentum: 0.9', "Momentum cannot be used with AdaGrad"),
+        ('type: "RMSProp" lr_policy: "fixed" momentum: 0.9', "Momentum cannot be used with RMSProp"),
+        ('type: "RMSProp" lr_policy: "fixed" rms_decay: 1', "rms_decay should lie between 0 and 1"),
         ('lr_policy: "cosine"', "cosine"),
         ('lr_policy: "step" gamma: 0.1', "stepsize"),
         ('lr_policy: "fixed" regularization_type: "L3"', "L3"),
@@ -94,6 +97,58 @@ def test_adam_bias_corrected_steps():
     s.apply_update(1)
     assert a.param.tolist() == pytest.approx([0.8, 2.2], abs=1e-6)
     assert h.param.item() == pytest.approx(2.9, abs=1e-6)
+
+
+def two_steps(text, blobs, second_grads):
+    s = CaffeSolver(solver(text), blobs)
+    s.apply_update(0)
+    for b, g in zip(blobs, second_grads):
+        b.param.grad = torch.tensor(g)
+    s.apply_update(1)
+    return s
+
+
+def test_adagrad_sums_squared_gradients_and_scales_by_the_local_rate():
+    a, b = blob([1.0], [2.0]), blob([0.0], [-1.0], lr_mult=2)
+    s = two_steps('type: "AdaGrad" lr_policy: "fixed" base_lr: 0.1 delta: 0.5', [a, b], [[1.0], [3.0]])
+    # a: h = 4, w = 1 - 0.1*2/(2+0.5) = 0.92; h = 5, w = 0.92 - 0.1*1/(sqrt(5)+0.5) = 0.8834512
+    # b (lr 0.2): h = 1, w = 0.2/1.5 = 0.1333333; h = 10, w -= 0.2*3/(sqrt(10)+0.5) -> -0.0304991
+    assert a.param.item() == pytest.approx(0.8834512, abs=1e-6)
+    assert b.param.item() == pytest.approx(-0.0304991, abs=1e-6)
+    assert [h.item() for h in s.history] == [5.0, 10.0] and s.history2 == []
+
+
+def test_rmsprop_decays_the_squared_gradient_average():
+    a = blob([1.0], [2.0])
+    s = two_steps('type: "RMSProp" lr_policy: "fixed" base_lr: 0.1 delta: 0.5 rms_decay: 0.9', [a], [[1.0]])
+    # h = 0.1*4 = 0.4, w = 1 - 0.1*2/(sqrt(0.4)+0.5) = 0.8233930; h = 0.9*0.4 + 0.1*1 = 0.46,
+    # w -= 0.1*1/(sqrt(0.46)+0.5) -> 0.7385198
+    assert a.param.item() == pytest.approx(0.7385198, abs=1e-6)
+    assert s.history[0].item() == pytest.approx(0.46, abs=1e-7)
+
+
+def test_adadelta_keeps_gradient_and_update_histories_and_applies_the_rate_last():
+    a = blob([1.0], [2.0])
+    s = two_steps('type: "AdaDelta" lr_policy: "fixed" base_lr: 0.1 delta: 0.5 momentum: 0.9', [a], [[1.0]])
+    # step 1: h = 0.1*4 = 0.4; u = 2*sqrt((0+0.5)/(0.4+0.5)) = 1.4907120; h2 = 0.1*u^2 = 0.2222222; w = 1 - 0.1*u
+    # step 2: h = 0.46; u = sqrt((0.2222222+0.5)/(0.46+0.5)) = 0.8673608; h2 = 0.9*0.2222222 + 0.1*u^2 = 0.2752315
+    assert a.param.item() == pytest.approx(0.7641927, abs=1e-6)
+    assert s.history[0].item() == pytest.approx(0.46, abs=1e-7)
+    assert s.history2[0].item() == pytest.approx(0.2752315, abs=1e-7)
+    assert [h.item() for h in s.caffe_history()] == [s.history[0].item(), s.history2[0].item()]
+
+
+def test_multistep_goes_on_from_a_restored_current_step():
+    # stepvalues 2, 4: a fresh run is at step 1 from it 2; a Caffe state saying current_step 2 at it 3
+    # (its solver had other stepvalues) keeps Caffe's counter: gamma^2 from it 3 on
+    sp = solver('lr_policy: "multistep" base_lr: 1 gamma: 0.5 stepvalue: 2 stepvalue: 4')
+    s = CaffeSolver(sp, [])
+    assert [s.rate(i) for i in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert [s.current_step(i) for i in (1, 3, 5)] == [0, 1, 2]
+    s.restore_schedule(2, 3)
+    assert [s.rate(i) for i in (3, 4, 5)] == [0.25, 0.25, 0.25] and s.current_step(5) == 2
+    s.restore_schedule(0, 3)  # behind: one step per iteration once past a stepvalue, as Caffe's counter
+    assert [s.rate(i) for i in (3, 4, 5)] == [0.5, 0.25, 0.25]
 
 
 def test_clip_gradients_global_norm_before_normalize():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import subprocess
@@ -23,7 +24,7 @@ from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import TEST, TRAIN, parse_text
 from resnet_imagenet.train.setup import Feeds
-from resnet_imagenet.train.snapshot import rng_state
+from resnet_imagenet.train.snapshot import load_solverstate, rng_state
 from resnet_imagenet.train.trainer import TrainOptions, load_rank_state, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,10 +135,21 @@ def test_caffe_log_lines_and_snapshot_pair(project, caplog):
     assert "Snapshotting solver state to binary proto file snap/tiny_iter_8.solverstate" in text
     assert "Optimization Done." in text
     assert sorted(p.name for p in Path("snap").iterdir()) == [
-        "tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate",
+        "tiny_iter_4.caffemodel", "tiny_iter_4.solverstate", "tiny_iter_4.solverstate.resnet_imagenet.pt",
+        "tiny_iter_8.caffemodel", "tiny_iter_8.solverstate", "tiny_iter_8.solverstate.resnet_imagenet.pt",
     ]  # fmt: skip
-    state = torch.load("snap/tiny_iter_8.solverstate", weights_only=True)
-    assert state["iter"] == 8 and state["learned_net"] == "tiny_iter_8.caffemodel"
+    # the solverstate is Caffe's SolverState: every field, as caffe_pb2 parses it
+    state = caffe_pb2.SolverState.FromString(Path("snap/tiny_iter_8.solverstate").read_bytes())
+    assert sorted(f.name for f, _ in state.ListFields()) == ["current_step", "history", "iter", "learned_net"]
+    assert state.iter == 8 and state.learned_net == "snap/tiny_iter_8.caffemodel"  # as Caffe names it
+    assert state.current_step == 1  # step policy, stepsize 4: the counter after iteration 7's lr
+    learnable = [p for p in load_net("net.prototxt", phase="train").parameters()]
+    assert [tuple(b.shape.dim) for b in state.history] == [tuple(p.shape) for p in learnable]  # SGD: one per blob
+    assert all(len(b.data) == math.prod(b.shape.dim) and not b.diff for b in state.history)
+    side = torch.load("snap/tiny_iter_8.solverstate.resnet_imagenet.pt", weights_only=True)
+    assert (side["iter"], side["learned_net"], side["world_size"], side["solver_type"]) == (
+        8, "tiny_iter_8.caffemodel", 1, "SGD"
+    )  # fmt: skip
     # the caffemodel is Caffe's weights: load_net reads it back
     net = load_net("net.prototxt", weights="snap/tiny_iter_8.caffemodel", phase="test")
     assert net.layers["fc"].weight.abs().sum() > 0
@@ -152,9 +164,38 @@ def test_resume_is_exact(project, caplog):
     resumed = run(project(max_iter=8), caplog, snapshot="snap/tiny_iter_5.solverstate")
     assert losses(resumed) and losses(resumed) == losses(straight, after=4)
     assert Path("snap/tiny_iter_8.caffemodel").read_bytes() == final
-    saved = torch.load("snap_straight/tiny_iter_8.solverstate", weights_only=True)
-    again = torch.load("snap/tiny_iter_8.solverstate", weights_only=True)
-    assert all(torch.equal(a, b) for a, b in zip(saved["solver"]["history"], again["solver"]["history"]))
+    # the whole SolverState but learned_net (another folder) is byte for byte the uninterrupted run's
+    saved = caffe_pb2.SolverState.FromString(Path("snap_straight/tiny_iter_8.solverstate").read_bytes())
+    again = caffe_pb2.SolverState.FromString(Path("snap/tiny_iter_8.solverstate").read_bytes())
+    saved.learned_net = again.learned_net = ""
+    assert saved.SerializeToString() == again.SerializeToString()
+
+
+def test_resume_from_a_version_1_state_is_exact_and_from_a_caffe_state_goes_on(project, caplog):
+    run(project(max_iter=8), caplog)
+    final = Path("snap/tiny_iter_8.caffemodel").read_bytes()
+    Path("snap").rename("snap_straight")
+    run(project("first.prototxt", max_iter=5), caplog)
+    state_path, side_path = (
+        Path("snap/tiny_iter_5.solverstate"),
+        Path("snap/tiny_iter_5.solverstate.resnet_imagenet.pt"),
+    )
+    proto = caffe_pb2.SolverState.FromString(state_path.read_bytes())
+    side = torch.load(side_path, weights_only=True)
+    # version 1 (before the sidecar): one torch zip of everything, under the solverstate's name
+    history = [torch.tensor(b.data).reshape(tuple(b.shape.dim)) for b in proto.history]
+    v1 = {k: v for k, v in side.items() if k not in ("format", "solver_type")}
+    v1.update(format="resnet_imagenet.solverstate/1", solver={"type": "SGD", "history": history, "history2": []})
+    torch.save(v1, state_path)
+    side_path.unlink()
+    run(project(max_iter=8), caplog, snapshot=str(state_path))
+    assert Path("snap/tiny_iter_8.caffemodel").read_bytes() == final
+    # Caffe's state (no sidecar): iteration, lr schedule and history go on; the data restarts, as Caffe's would
+    state_path.write_bytes(proto.SerializeToString())
+    text = "\n".join(run(project(max_iter=8), caplog, snapshot=str(state_path)))
+    assert "no tiny_iter_5.solverstate.resnet_imagenet.pt beside it" in text
+    assert "Iteration 5, lr = 0.025" in text and "Iteration 4, lr" not in text
+    assert caffe_pb2.SolverState.FromString(Path("snap/tiny_iter_8.solverstate").read_bytes()).iter == 8
 
 
 def test_iter_size_two_equals_double_batch(project, caplog):
@@ -179,7 +220,7 @@ def test_nan_loss_stops_and_keeps_last_snapshot(project, capsys):
     it = int(m.group(1))
     assert it < 20 and m.group(3) == f"snap/tiny_iter_{it}.solverstate"
     assert not Path(f"snap/tiny_iter_{it + 1}.solverstate").exists()
-    torch.load(m.group(3), weights_only=True)  # the last snapshot is intact
+    assert load_solverstate(m.group(3), 20).iter == it  # the last snapshot is intact
 
 
 @pytest.mark.parametrize(
@@ -252,7 +293,7 @@ def test_two_processes_resume_is_exact(project, tmp_path):
     straight = log_messages(torchrun(2, "--solver", "solver.prototxt", cwd=tmp_path).stderr)
     Path("snap").rename("snap_straight")
     Path("snap").mkdir()
-    for ext in ("caffemodel", "solverstate"):
+    for ext in ("caffemodel", "solverstate", "solverstate.resnet_imagenet.pt"):
         Path(f"snap_straight/tiny_iter_3.{ext}").rename(f"snap/tiny_iter_3.{ext}")
     resumed = log_messages(torchrun(2, "--solver", "solver.prototxt", "--snapshot", "snap/tiny_iter_3.solverstate",
                                     cwd=tmp_path).stderr)  # fmt: skip
@@ -288,7 +329,7 @@ def test_sighup_snapshots_and_sigint_stops(project, tmp_path):
     assert len(states) == 2, states
     first, last = (int(p.stem.split("_")[-1]) for p in states)
     assert 3 < first < last < 100000  # SIGHUP went on training; SIGINT snapshotted and stopped
-    assert torch.load(states[-1], weights_only=True)["iter"] == last
+    assert caffe_pb2.SolverState.FromString(states[-1].read_bytes()).iter == last
     assert text.count(f"tiny_iter_{last}.caffemodel") == 1  # the stop's snapshot is written once
 
 

@@ -5,10 +5,13 @@ resize, crop and mirror into uint8 NCHW batches; the main process copies them to
 (pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale
 (data/transform.py's DeviceTransform).
 
-Order: the stream of one rank is epoch 0's share, then epoch 1's, ... An epoch's order is a
-permutation drawn from (seed, epoch) (TRAIN; Caffe reads LMDBs in key order, we shuffle), and rank r
-of W takes positions r, r+W, r+2W, ... of it (disjoint, every image once across ranks). Batches
-follow the stream across epoch boundaries, as Caffe's DataLayer cycles, so every batch is full.
+Order (TRAIN Data layers; ``order=``): ``"keys"`` is Caffe's: the LMDB in key order, cycling, after
+skipping ``rand_skip`` records at random once (old DataLayer; drawn from the seed), and rank r of W
+takes the records r, r+W, r+2W, ... of that endless stream (caffe 1.0 data_layer.cpp Skip():
+``offset_ % solver_count == solver_rank``), so a rank's share shifts by epoch when W does not divide
+n, as in Caffe. ``"shuffle"`` draws a permutation per epoch from (seed, epoch) and rank r takes its
+positions r, r+W, ... (every rank n // W per epoch). TEST reads in key order. Batches follow the
+stream across epoch boundaries, as Caffe's DataLayer cycles, so every batch is full.
 A sample's crop and mirror come from (seed, epoch, record index): resume == uninterrupted, for any
 number of workers.
 """
@@ -56,6 +59,10 @@ class _Batches(torch.utils.data.Dataset):
         return self._perm[epoch]
 
     def index(self, pos: int, stream: bool) -> tuple[int, int]:
+        c = self.cfg
+        if stream and c["caffe_keys"]:  # caffe: the rank's pos-th record of the one cycling cursor
+            g = c["rank"] + pos * c["world_size"]
+            return g // self.recs.n, (c["skip"] + g) % self.recs.n
         s = self.share_size(stream)
         epoch, i = divmod(pos, s)
         return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
@@ -134,19 +141,29 @@ class _Positions(torch.utils.data.Sampler):
             p += n
 
 
-def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path) -> tuple[Records, dict]:
+ORDERS = ("keys", "shuffle")
+
+
+def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path, order: str, seed: int) -> tuple[Records, dict]:
     """A Data or ImageData layer's records and the reading settings of its parameter message."""
+    if order not in ORDERS:
+        raise ValueError(f"data order {order!r} is not one of {', '.join(ORDERS)}")
     if lp.type == "Data":
         dp = lp.data_param
         if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
             raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
         recs = Records(base / dp.source, is_list=False)
-        return recs, {"batch": dp.batch_size, "shuffle": phase == TRAIN, "bicubic": False, "new_dim": 0}
+        keys = phase == TRAIN and order == "keys"
+        # caffe (before 1.0): DataLayerSetUp skips caffe_rng_rand() % rand_skip records once
+        skip = int(np.random.default_rng([seed, 2]).integers(dp.rand_skip)) if keys and dp.rand_skip else 0
+        src = {"batch": dp.batch_size, "shuffle": phase == TRAIN and not keys, "bicubic": False, "new_dim": 0}
+        return recs, {**src, "caffe_keys": keys, "skip": skip}
     if lp.type == "ImageData":
         ip = lp.image_data_param
         resize = (ip.new_height, ip.new_width)
         recs = Records(base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=resize)
-        return recs, {"batch": ip.batch_size, "shuffle": ip.shuffle, "bicubic": ip.bicubic, "new_dim": ip.new_dim}
+        src = {"batch": ip.batch_size, "shuffle": ip.shuffle, "bicubic": ip.bicubic, "new_dim": ip.new_dim}
+        return recs, {**src, "caffe_keys": False, "skip": 0}
     raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
 
 
@@ -177,11 +194,12 @@ class DataFeed:
         new_dim: int | None = None,
         random_resized_crop: bool = False,
         prefetch_factor: int = 4,
+        order: str = "shuffle",
     ):
         phase = parse_phase(phase)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         lp, tp = layer_param, layer_param.transform_param
-        recs, src = _source(lp, phase, base)
+        recs, src = _source(lp, phase, base, order, seed)
         _check_sharing(lp.name, recs, src["batch"], rank, world_size)
         rrc = bool(random_resized_crop and phase == TRAIN)
         if rrc and not tp.crop_size:
@@ -193,6 +211,8 @@ class DataFeed:
             "world_size": world_size,
             "seed": seed,
             "shuffle": src["shuffle"],
+            "caffe_keys": src["caffe_keys"],
+            "skip": src["skip"],
             "train": phase == TRAIN,
             "channels": channels,
             "crop": tp.crop_size,

@@ -23,13 +23,13 @@ from resnet_imagenet.proto import caffe_pb2
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
 
-def multistep_count(stepvalues: Sequence[int], it: int) -> int:
+def multistep_count(stepvalues: Sequence[int], it: int, step: int = 0, earliest: int = 0) -> int:
     """How many steps Caffe's multistep counter has taken when GetLearningRate is called at ``it``.
 
     caffe: the counter moves by at most one per iteration, when ``it >= stepvalue[current_step]``;
-    this replays that exactly (also for unsorted stepvalues) in O(len(stepvalues)).
+    this replays that exactly (also for unsorted stepvalues) in O(len(stepvalues)). ``step`` and
+    ``earliest`` start the replay elsewhere: a SolverState's current_step, restored at iteration ``earliest``.
     """
-    step, earliest = 0, 0
     while step < len(stepvalues):
         crossed = max(earliest, stepvalues[step])
         if crossed > it:

@@ -1,13 +1,9 @@
-"""Caffe's solvers on torch tensors: the SGD / Nesterov / Adam updates (learning rates: lr_policy.py).
+"""Caffe's solvers on torch tensors: SGD, Nesterov, AdaGrad, RMSProp, AdaDelta, Adam (lr: lr_policy.py).
 
 The update follows Caffe's SGDSolver::ApplyUpdate order: clip the (summed) gradients by their global
 L2 norm, then per blob divide by iter_size, add weight decay (L2: ``decay*w``; L1: ``decay*sign(w)``),
-and compute the step with ``local_lr = rate*lr_mult`` and ``local_decay = weight_decay*decay_mult``:
-
-- SGD:      ``v = momentum*v + local_lr*g;  w -= v``
-- Nesterov: ``v' = momentum*v + local_lr*g;  w -= (1+momentum)*v' - momentum*v``
-- Adam:     ``m = b1*m + (1-b1)*g;  s = b2*s + (1-b2)*g^2;``
-  ``w -= local_lr * sqrt(1-b2^t)/(1-b1^t) * m/(sqrt(s)+delta)`` with ``t = it+1``.
+and compute the step with ``local_lr = rate*lr_mult`` and ``local_decay = weight_decay*decay_mult``
+by the solver type's rule (the table in updates.py).
 
 Blobs with lr_mult 0 are left alone (Caffe does not propagate to them: param_propagate_down is false).
 """
@@ -15,24 +11,25 @@ Blobs with lr_mult 0 are left alone (Caffe does not propagate to them: param_pro
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.solver.lr_policy import check_lr_policy, learning_rate
+from resnet_imagenet.solver.lr_policy import check_lr_policy, learning_rate, multistep_count
+from resnet_imagenet.solver.updates import RULES, TWO_BLOBS, check_rule
 
 log = logging.getLogger(__name__)
 
-SOLVER_TYPES = ("SGD", "Nesterov", "Adam")
+SOLVER_TYPES = tuple(RULES)
 
 
 def check_solver(sp: caffe_pb2.SolverParameter) -> None:
     """Raise ValueError for what Caffe would CHECK-fail on, before any work is done."""
     if sp.type not in SOLVER_TYPES:
         raise ValueError(f"solver type {sp.type!r} is not supported (supported: {', '.join(SOLVER_TYPES)})")
+    check_rule(sp)
     check_lr_policy(sp)
     if sp.regularization_type not in ("L1", "L2"):
         raise ValueError(f"unknown regularization_type {sp.regularization_type!r} (L1 or L2)")
@@ -64,8 +61,10 @@ class CaffeSolver:
         self.sp = sp
         self.learnables = list(learnables)
         self.history = [torch.zeros_like(x.param) for x in self.learnables]
-        # Adam's second moment; caffe: AdamSolver keeps it in history_[N + i].
-        self.history2 = [torch.zeros_like(x.param) for x in self.learnables] if sp.type == "Adam" else []
+        # Adam's second moment, AdaDelta's update history; caffe: history_[N + i]
+        self.history2 = [torch.zeros_like(x.param) for x in self.learnables] if sp.type in TWO_BLOBS else []
+        # caffe: current_step_ of multistep, from (step, iteration) on: (0, 0) fresh, else a SolverState's
+        self._multistep_from = (0, 0)
         # Blobs grouped by (lr_mult, decay_mult) so each group is one set of _foreach kernels.
         groups: dict[tuple[float, float], list[int]] = {}
         for i, x in enumerate(self.learnables):
@@ -113,7 +112,7 @@ class CaffeSolver:
         With an fp16 ``scaler`` the gradients are unscaled first and the update is skipped when they
         overflowed (the scaler then shrinks its scale). ``display`` logs Caffe's ``Iteration N, lr = X``.
         """
-        rate = learning_rate(self.sp, it)
+        rate = self.rate(it)
         if display:  # caffe: SGDSolver::ApplyUpdate logs the rate before clipping
             log.info("Iteration %d, lr = %s", it, f"{rate:.6g}")
         if scaler is None:
@@ -126,6 +125,29 @@ class CaffeSolver:
         scaler.step(self._scaler_step)
         scaler.update()
         return rate
+
+    def rate(self, it: int) -> float:
+        """caffe: GetLearningRate at ``it``; multistep counts on from a restored current_step."""
+        sp = self.sp
+        if sp.lr_policy != "multistep" or self._multistep_from == (0, 0):
+            return learning_rate(sp, it)
+        step = multistep_count(list(sp.stepvalue), it, *self._multistep_from)
+        return sp.base_lr * sp.gamma**step
+
+    def current_step(self, it: int) -> int:
+        """caffe: current_step_ after the GetLearningRate of iteration ``it - 1`` (what Snapshot at ``it`` saves)."""
+        sp = self.sp
+        if it <= 0:
+            return self._multistep_from[0]
+        if sp.lr_policy == "step":
+            return (it - 1) // sp.stepsize
+        if sp.lr_policy == "multistep":
+            return multistep_count(list(sp.stepvalue), it - 1, *self._multistep_from)
+        return 0
+
+    def restore_schedule(self, current_step: int, it: int) -> None:
+        """caffe: RestoreSolverState -- multistep goes on from ``current_step`` at ``it`` (step recomputes it)."""
+        self._multistep_from = (int(current_step), int(it))
 
     @torch.no_grad()
     def _update(self, it: int, rate: float) -> None:
@@ -142,30 +164,8 @@ class CaffeSolver:
                     torch._foreach_add_(grads, params, alpha=local_decay)
                 else:
                     torch._foreach_add_(grads, torch._foreach_sign(params), alpha=local_decay)
-            local_rate = rate * lr_mult
-            hist = [self.history[i] for i in idx]
-            if sp.type == "SGD":
-                torch._foreach_mul_(hist, sp.momentum)
-                torch._foreach_add_(hist, grads, alpha=local_rate)
-                torch._foreach_sub_(params, hist)
-            elif sp.type == "Nesterov":
-                old = torch._foreach_mul(hist, sp.momentum)  # momentum * v_old, kept for the step back
-                torch._foreach_mul_(hist, sp.momentum)
-                torch._foreach_add_(hist, grads, alpha=local_rate)
-                update = torch._foreach_mul(hist, 1.0 + sp.momentum)
-                torch._foreach_sub_(update, old)
-                torch._foreach_sub_(params, update)
-            else:  # Adam
-                b1, b2, t = sp.momentum, sp.momentum2, it + 1
-                correction = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-                hist2 = [self.history2[i] for i in idx]
-                torch._foreach_mul_(hist, b1)
-                torch._foreach_add_(hist, grads, alpha=1.0 - b1)
-                torch._foreach_mul_(hist2, b2)
-                torch._foreach_addcmul_(hist2, grads, grads, value=1.0 - b2)
-                denom = torch._foreach_sqrt(hist2)
-                torch._foreach_add_(denom, sp.delta)
-                torch._foreach_addcdiv_(params, hist, denom, value=-local_rate * correction)
+            hist2 = [self.history2[i] for i in idx] if self.history2 else []
+            RULES[sp.type](sp, params, grads, [self.history[i] for i in idx], hist2, rate * lr_mult, it)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -200,6 +200,33 @@ class CaffeSolver:
         for mine, theirs in ((self.history, state["history"]), (self.history2, state["history2"])):
             for h, s in zip(mine, theirs):
                 h.copy_(s)
+
+    def caffe_history(self) -> list[torch.Tensor]:
+        """The history blobs in a SolverState's order: h of every blob, then h2 of every blob (caffe: history_)."""
+        return [h.detach().cpu() for h in self.history + self.history2]
+
+    def state_from_caffe(self, blobs: Sequence[torch.Tensor], where: str = "solverstate") -> dict:
+        """A state_dict() from a SolverState's history blobs (Caffe's order), checked against this net.
+
+        Legacy 4-D blobs (num/channels/height/width) of the right size are reshaped, as Caffe's FromProto does.
+        """
+        n, two = len(self.learnables), self.sp.type in TWO_BLOBS
+        want = 2 * n if two else n
+        if len(blobs) != want:
+            per = "two per learnable blob" if two else "one per learnable blob"
+            raise ValueError(
+                f"{where}: {len(blobs)} history blobs, but solver type {self.sp.type} on this net has {want} ({per}); "
+                "is it a state of another net or solver type?"
+            )
+        out = []
+        for i, b in enumerate(blobs):
+            mine = (self.history + self.history2)[i]
+            if tuple(b.shape) != tuple(mine.shape) and b.numel() == mine.numel() and b.dim() == 4:
+                b = b.reshape(mine.shape)
+            out.append(b)
+        state = {"type": self.sp.type, "history": out[:n], "history2": out[n:]}
+        self.check_state_dict(state)
+        return state
 
 
 class _ScalerStep(torch.optim.Optimizer):

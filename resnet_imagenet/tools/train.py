@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub,
         "train",
-        description="caffe train: SGD/Nesterov/Adam from a solver prototxt, _iter_N snapshots, exact resume.",
+        description="caffe train: Caffe's solvers from a solver prototxt, snapshots Caffe resumes, exact resume.",
     )
     a = p.add_argument
     a("--solver", required=True, help="solver prototxt (paths inside resolve from the cwd, as Caffe)")
@@ -43,6 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=d["workers"],
         help="data loader processes per training process (default: from CPU count)",
+    )
+    a(
+        "--data-order",
+        default=d["data_order"],
+        choices=["keys", "shuffle"],
+        help="TRAIN Data layers: keys = Caffe's LMDB key order, ranks interleaved (default); "
+        "shuffle = a new permutation every epoch",
     )
     for sig in ("sigint", "sighup"):
         default = d[f"{sig}_effect"]

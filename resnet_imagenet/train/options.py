@@ -20,6 +20,9 @@ class TrainOptions:
     channels_last: bool = True  # GPU: NHWC memory layout
     cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest conv kernels
     sync_bn: bool = False  # BatchNorm statistics over all processes (Caffe: per process)
+    data_order: str = (
+        "keys"  # TRAIN Data layers: Caffe's LMDB key order ("keys") or a permutation per epoch ("shuffle")
+    )
     workers: int | None = None  # data loader processes per training process; None: from the CPU count
     sigint_effect: str = "stop"  # caffe: -sigint_effect (stop, snapshot or none)
     sighup_effect: str = "snapshot"  # caffe: -sighup_effect

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,13 +15,16 @@ from resnet_imagenet.proto.text import TEST, TRAIN, read_net, read_solver
 from resnet_imagenet.solver.solver import Learnable, check_solver
 from resnet_imagenet.train.dist import convert_sync_batchnorm
 
+log = logging.getLogger(__name__)
+
 
 def load_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     """Read a solver prototxt and refuse, before any work, what training cannot run."""
     sp = read_solver(path)
     check_solver(sp)
     if sp.snapshot_format != caffe_pb2.SolverParameter.BINARYPROTO:
-        raise ValueError("snapshot_format HDF5 is not supported; snapshots are BINARYPROTO")
+        # caffe: Restore picks the reader by file name, so a BINARYPROTO pair resumes under either format
+        log.warning("%s: snapshot_format HDF5: snapshots are written as BINARYPROTO (HDF5 states are read)", path)
     if sp.max_iter <= 0:
         raise ValueError(f"{path}: max_iter must be > 0")
     return sp
@@ -65,7 +69,7 @@ def build_nets(
     device: torch.device,
     channels_last: bool,
     weights: str | None = None,
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike | caffe_pb2.NetParameter | None = None,
     sync_bn: bool = False,
 ) -> tuple[CaffeNet, list[CaffeNet]]:
     """The TRAIN net and the TEST nets (pass no test_params where this process does not test), on ``device``.
@@ -78,7 +82,9 @@ def build_nets(
     test_nets = [CaffeNet(tp, TEST) for tp in test_params]
     if weights:
         net.load_caffemodel(weights)
-    if resume:
+    if isinstance(resume, caffe_pb2.NetParameter):  # Caffe's HDF5 weights, read already
+        net.copy_from(resume)
+    elif resume:
         net.load_caffemodel(resume)
     if sync_bn:
         convert_sync_batchnorm(net)
@@ -156,8 +162,11 @@ def build_feeds(
     workers: int,
     device: torch.device,
     channels_last: bool,
+    order: str = "shuffle",
 ) -> Feeds:
-    """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on."""
+    """One DataFeed per Data / ImageData layer of ``net``; other data layers have nothing to train on.
+
+    ``order``: a TRAIN Data layer's record order (data/feed.py: Caffe's ``keys``, or ``shuffle``)."""
     out = []
     for lp in net.data_layers:
         if lp.type not in ("Data", "ImageData"):
@@ -171,6 +180,7 @@ def build_feeds(
             num_workers=workers,
             device=device,
             channels_last=channels_last,
+            order=order,
         )
         out.append((feed, list(lp.top)))
     if not out:

@@ -1,20 +1,23 @@
 """Snapshots: ``<prefix>_iter_<N>.caffemodel`` (Caffe's weights) + ``<prefix>_iter_<N>.solverstate``.
 
-The solverstate is a torch file that ``torch.load(weights_only=True)`` reads: the iteration, the
-solver's history blobs, the random generators of every rank, the data feeds' positions and the
-display window, i.e. everything an exact resume needs. It names its caffemodel by file name
-(caffe: SolverState.learned_net), resolved beside the solverstate, so a moved snapshot folder works.
-Both files are written by rank 0 through a temporary name and a rename (resnet_imagenet.util.atomic):
-a kill at any moment leaves the previous snapshot pair intact. What goes into the state is the
-trainer's (Trainer.state_dict); this module writes, reads and names the files.
+The solverstate is Caffe's SolverState (iter, learned_net, history, current_step: ``caffe train
+-snapshot`` resumes it); what an exact resume needs beyond it (random generators of every rank, data
+positions, the display window, ...) goes to the sidecar ``<N>.solverstate.resnet_imagenet.pt``
+(train/solverstate.py has the field mapping). learned_net is read as a file name beside the
+solverstate, so a moved snapshot folder works. Every file is written by rank 0 through a temporary
+name and a rename (resnet_imagenet.util.atomic): caffemodel, sidecar, solverstate in that order, so a
+kill at any moment leaves the previous snapshot complete, and a solverstate never lacks its parts.
+Temporaries left by a killed writer (``.<name>.tmp-<pid>-*``) are removed by the next snapshot
+once no process of that pid is alive.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,11 @@ import numpy as np
 import torch
 
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.util.atomic import atomic_path, atomic_write_bytes
+from resnet_imagenet.train.solverstate import SolverStateFile, read_solverstate, write_solverstate
+from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = "resnet_imagenet.solverstate/1"
 DEFAULT_DIR = "snapshots"
 
 
@@ -97,34 +100,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --- writing and reading ------------------------------------------------------------------------
 
 
-def save_snapshot(net: torch.nn.Module, state: dict[str, Any], prefix: str, it: int) -> tuple[Path, Path]:
-    """Write the caffemodel, then the solverstate that names it; each atomically. Caffe's log lines."""
+def save_snapshot(
+    net: torch.nn.Module,
+    prefix: str,
+    it: int,
+    *,
+    history: list[torch.Tensor],
+    current_step: int,
+    extra: dict[str, Any],
+) -> tuple[Path, Path]:
+    """Write the caffemodel, then the sidecar and the SolverState naming it; each atomically. Caffe's log lines."""
     model_path, state_path = snapshot_paths(prefix, it)
+    remove_stale_temporaries(model_path.parent, Path(prefix).name)
     log.info("Snapshotting to binary proto file %s", model_path)
     with atomic_path(model_path) as tmp:
         net.save_caffemodel(tmp)
     log.info("Snapshotting solver state to binary proto file %s", state_path)
-    full = {"format": FORMAT, "iter": it, "learned_net": model_path.name, **state}
-    buf = io.BytesIO()
-    torch.save(full, buf)
-    atomic_write_bytes(state_path, buf.getvalue())
+    # caffe: learned_net is the caffemodel's name as Snapshot made it (the prefix path)
+    write_solverstate(
+        state_path, it=it, learned_net=str(model_path), history=history, current_step=current_step, extra=extra
+    )
     return model_path, state_path
 
 
-def load_solverstate(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """Read a solverstate (weights_only) and locate its caffemodel. Returns (state, caffemodel path)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such solverstate")
+def load_solverstate(path: str | os.PathLike, max_iter: int) -> SolverStateFile:
+    """Read a solverstate (Caffe's binary or HDF5, or ours of version 1) and locate its caffemodel."""
+    return read_solverstate(path, max_iter)
+
+
+def _alive(pid: int) -> bool:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"{path}: not a solverstate written by resnet-imagenet train ({e.__class__.__name__})"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a solverstate written by resnet-imagenet train")
-    model = path.parent / state["learned_net"]
-    if not model.is_file():
-        raise FileNotFoundError(f"{path}: its weights {model} are missing")
-    return state, model
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, stem: str) -> list[Path]:
+    """Remove ``.<stem>_iter_*.tmp-<pid>-*`` files of writers that are no longer running (a kill mid-snapshot).
+
+    The pid in the name decides: a live process of that pid (the writer, or an unrelated one that got
+    its number) keeps the file. Temporaries of other hosts on a shared folder look dead here only if
+    their pid is free here too; a run that snapshots there is then racing us anyway.
+    """
+    removed = []
+    pat = re.compile(r"\." + re.escape(stem) + r"_iter_\d+\..+\.tmp-(\d+)-\w+")
+    for p in folder.glob(f".{stem}_iter_*.tmp-*") if folder.is_dir() else []:
+        m = pat.fullmatch(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+                log.info("Removed %s, left by process %s that was killed while writing a snapshot", p, m.group(1))
+    return removed

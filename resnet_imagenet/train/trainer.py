@@ -26,6 +26,7 @@ from resnet_imagenet.solver.solver import CaffeSolver
 from resnet_imagenet.train import dist as D
 from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
 from resnet_imagenet.train.options import TrainOptions
+from resnet_imagenet.train.resume import check_resume, load_rank_state, resume_weights
 from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
 from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
 from resnet_imagenet.train.snapshot import (
@@ -34,9 +35,9 @@ from resnet_imagenet.train.snapshot import (
     resolve_snapshot_prefix,
     rng_state,
     save_snapshot,
-    set_rng_state,
     snapshot_paths,
 )
+from resnet_imagenet.train.solverstate import SolverStateFile
 from resnet_imagenet.train.testpass import test_all
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class Trainer:
             P.device, amp=opts.amp, channels_last=opts.channels_last, cudnn_benchmark=opts.cudnn_benchmark
         )
         # Resume state first: its seed drives the data order.
-        state, resume_model = load_solverstate(opts.snapshot) if opts.snapshot else (None, None)
+        state = load_solverstate(opts.snapshot, sp.max_iter) if opts.snapshot else None
         self.seed = self._seed(state)
         torch.manual_seed(self.seed)  # caffe: Caffe::set_random_seed -- the same initial weights everywhere
         train_param, test_params = solver_nets(sp)
@@ -72,13 +73,13 @@ class Trainer:
             device=P.device,
             channels_last=self.prec.channels_last,
             weights=opts.weights,
-            resume=resume_model,
+            resume=resume_weights(state) if state is not None else None,
             sync_bn=opts.sync_bn,
         )
         self._build_feeds()
         self.solver = CaffeSolver(sp, learnables(self.net))
-        if state is not None:
-            self.solver.check_state_dict(state["solver"])  # a net/solverstate mismatch fails here, early
+        if state is not None:  # a net/solverstate mismatch fails here, early
+            check_resume(state, self.solver, sp)
         self._resume = state  # restored by solve(), as Caffe's Solve calls Restore
         self.model = self.net if opts.check else D.parallel(self.net, P)
         self.iter = 0
@@ -90,10 +91,10 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
 
-    def _seed(self, state: dict[str, Any] | None) -> int:
+    def _seed(self, state: SolverStateFile | None) -> int:
         """The resumed run's seed, else random_seed; unset (-1), rank 0 draws one for every rank."""
-        if state is not None:
-            return state["seed"]
+        if state is not None and state.extra is not None:
+            return state.extra["seed"]
         sp = self.sp
         seed = sp.random_seed if sp.random_seed >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
         return seed if self.opts.check else D.broadcast_int(seed, self.procs)
@@ -103,7 +104,9 @@ class Trainer:
         if workers is None:
             workers = max(1, min(8, (os.cpu_count() or 2) // P.local_world_size - 1))
         kw = {"seed": self.seed, "workers": workers, "device": P.device, "channels_last": self.prec.channels_last}
-        self.feeds: Feeds = build_feeds(self.net, TRAIN, rank=P.rank, world=P.world_size, **kw)
+        self.feeds: Feeds = build_feeds(
+            self.net, TRAIN, rank=P.rank, world=P.world_size, order=self.opts.data_order, **kw
+        )
         self.test_feeds: list[Feeds] = [build_feeds(t, TEST, rank=0, world=1, **kw) for t in self.test_nets]
 
     def _log_setup(self) -> None:
@@ -133,14 +136,15 @@ class Trainer:
         return {"rng": rng_state(), "feeds": self.feeds.state_dict()}
 
     def state_dict(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-        """The solverstate's content beside iter and learned_net: each part's own state_dict().
+        """The sidecar's content (what Caffe's SolverState has no field for): each part's own state_dict().
 
         ``per_rank`` holds every rank's _rank_state(), gathered on rank 0, which writes the snapshot.
+        The solver's history and schedule go to the SolverState itself (snapshot()).
         """
         return {
             "seed": self.seed,
             "world_size": len(per_rank),
-            "solver": self.solver.state_dict(),
+            "solver_type": self.sp.type,
             "rng": [x["rng"] for x in per_rank],
             "train_feeds": [x["feeds"] for x in per_rank],
             "test_feeds": [feeds.state_dict() for feeds in self.test_feeds],
@@ -148,17 +152,23 @@ class Trainer:
             "scaler": self.prec.scaler.state_dict() if self.prec.scaler is not None else {},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """caffe: Solver::Restore -- each part from its entry; this rank's share through load_rank_state."""
-        self.iter = int(state["iter"])
-        self.solver.load_state_dict(state["solver"])
-        self.loss.load_state_dict(state["smoothing"])
-        if self.prec.scaler is not None and state.get("scaler"):
-            self.prec.scaler.load_state_dict(state["scaler"])
-        for feeds, saved in zip(self.test_feeds, state["test_feeds"]):  # rank 0 tests alone: always one process
-            feeds.load_state_dict(saved)
-        load_rank_state(state, self.feeds, rank=self.procs.rank, world_size=self.procs.world_size)
+    def load_state_dict(self, state: SolverStateFile) -> None:
+        """caffe: Solver::Restore -- iter, history and schedule; with a sidecar also the rest, this rank's share
+        through load_rank_state. Without one (Caffe's state) the data and random streams start as a fresh run's."""
+        self.iter = state.iter
+        self.solver.load_state_dict(state.solver)
+        self.solver.restore_schedule(state.current_step, state.iter)
         self.snapshot_iter = self.iter
+        extra = state.extra
+        if extra is None:
+            torch.manual_seed(self.seed + self.procs.rank)
+            return
+        self.loss.load_state_dict(extra["smoothing"])
+        if self.prec.scaler is not None and extra.get("scaler"):
+            self.prec.scaler.load_state_dict(extra["scaler"])
+        for feeds, saved in zip(self.test_feeds, extra["test_feeds"]):  # rank 0 tests alone: always one process
+            feeds.load_state_dict(saved)
+        load_rank_state(extra, self.feeds, rank=self.procs.rank, world_size=self.procs.world_size)
 
     def snapshot(self) -> None:
         """caffe: Solver::Snapshot -- every rank gives its RNG and data position; rank 0 writes."""
@@ -167,7 +177,14 @@ class Trainer:
         error = None
         if self.procs.rank == 0:
             try:
-                _, state_path = save_snapshot(self.net, self.state_dict(per_rank), self.prefix, self.iter)
+                _, state_path = save_snapshot(
+                    self.net,
+                    self.prefix,
+                    self.iter,
+                    history=self.solver.caffe_history(),
+                    current_step=self.solver.current_step(self.iter),
+                    extra=self.state_dict(per_rank),
+                )
                 self.last_snapshot = str(state_path)
             except Exception as e:  # anything: the other ranks must hear of it, not wait at the next collective
                 error = e
@@ -294,30 +311,6 @@ class Trainer:
             self.model = None
             gc.collect()
             D.close_procs(self.procs, clean)
-
-
-def load_rank_state(state: dict[str, Any], feeds: Feeds, *, rank: int, world_size: int) -> None:
-    """This rank's TRAIN feed positions and random generators from a solverstate.
-
-    With another process count the run goes on from the same epoch and the same share of it: the
-    samples the old ranks took in the current epoch (position x old world size) are split over the new
-    ranks, and each rank's random streams start from (seed, rank) as in a fresh run. That is not
-    bit-exact with an uninterrupted run, so it is warned about.
-    """
-    old = state["world_size"]
-    if old == world_size:
-        feeds.load_state_dict(state["train_feeds"][rank])
-        set_rng_state(state["rng"][rank])
-        return
-    log.warning(
-        "resuming %d processes from a snapshot of %d: the data order and random streams are not "
-        "those of an uninterrupted run",
-        world_size,
-        old,
-    )
-    # every old rank took the same number of samples
-    feeds.load_state_dict([{**fs, "index": int(fs["index"]) * old // world_size} for fs in state["train_feeds"][0]])
-    torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank
 
 
 def train(opts: TrainOptions) -> int:

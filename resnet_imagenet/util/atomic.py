@@ -17,6 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def temp_prefix(name: str, pid: int | None = None) -> str:
+    """``.<name>.tmp-<pid>-``: a temporary names its writer, so a later run can tell a dead one's leftovers."""
+    return f".{name}.tmp-{os.getpid() if pid is None else pid}-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
@@ -26,7 +31,7 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{final.name}.tmp-"
+    prefix = temp_prefix(final.name)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
