@@ -32,7 +32,11 @@ VALUE_CASES: dict[str, list[Case]] = {
     "ReLU": [
         Case('type: "ReLU"', [X], lambda x: np.maximum(x, 0)),
         # caffe: relu_layer.cpp -- max(x, 0) + negative_slope * min(x, 0)
-        Case('type: "ReLU" relu_param { negative_slope: 0.1 }', [X], lambda x: np.maximum(x, 0) + f32(0.1) * np.minimum(x, 0)),
+        Case(
+            'type: "ReLU" relu_param { negative_slope: 0.1 }',
+            [X],
+            lambda x: np.maximum(x, 0) + f32(0.1) * np.minimum(x, 0),
+        ),
     ],
     "PReLU": [
         Case('type: "PReLU"', [X], lambda x: np.maximum(x, 0) + 0.25 * np.minimum(x, 0)),  # default filler 0.25

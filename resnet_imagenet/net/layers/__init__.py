@@ -1,23 +1,42 @@
 """Caffe's layer catalogue, grouped into Caffe's families: base (the registry, CaffeLayer, fillers), vision,
-neuron, common and loss. Importing this package registers every family's types (no import at a module's
-bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
+neuron, common (with shape and reduce split off) and loss. Importing this package registers every family's
+types (no import at a module's bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
 """
 
-from resnet_imagenet.net.layers import common, loss, neuron, vision  # noqa: F401  (each family registers on import)
+from resnet_imagenet.net.layers import common, loss, neuron, reduce, shape, vision  # noqa: F401  (each family registers on import)
 from resnet_imagenet.net.layers.base import LAYERS, CaffeLayer, build_layer, fill_, register
-from resnet_imagenet.net.layers.common import (
-    BatchNorm,
+from resnet_imagenet.net.layers.common import BatchNorm, Bias, Eltwise, Embed, InnerProduct, Parameter, Scale, Softmax
+from resnet_imagenet.net.layers.loss import Accuracy, SoftmaxWithLoss
+from resnet_imagenet.net.layers.neuron import (
+    BNLL,
+    ELU,
+    AbsVal,
+    Clip,
+    Dropout,
+    Exp,
+    Log,
+    Power,
+    PReLU,
+    ReLU,
+    Sigmoid,
+    Swish,
+    TanH,
+    Threshold,
+)
+from resnet_imagenet.net.layers.reduce import MVN, ArgMax, Reduction
+from resnet_imagenet.net.layers.shape import (
+    BatchFilter,
+    BatchReindex,
     Concat,
-    Eltwise,
+    Crop,
     Filter,
     Flatten,
-    InnerProduct,
-    Scale,
-    Softmax,
+    Reshape,
+    Silence,
+    Slice,
     Split,
+    Tile,
 )
-from resnet_imagenet.net.layers.loss import Accuracy, SoftmaxWithLoss
-from resnet_imagenet.net.layers.neuron import Dropout, ReLU, Sigmoid, TanH
 from resnet_imagenet.net.layers.vision import LRN, Convolution, Pooling
 
 __all__ = [
@@ -36,16 +55,41 @@ __all__ = [
     "Sigmoid",
     "TanH",
     "Dropout",
+    "PReLU",
+    "ELU",
+    "AbsVal",
+    "BNLL",
+    "Clip",
+    "Exp",
+    "Log",
+    "Power",
+    "Swish",
+    "Threshold",
     # common
     "InnerProduct",
     "BatchNorm",
     "Scale",
+    "Bias",
     "Eltwise",
-    "Concat",
-    "Flatten",
-    "Split",
     "Softmax",
+    "Embed",
+    "Parameter",
+    # common: reductions
+    "MVN",
+    "Reduction",
+    "ArgMax",
+    # common: shapes
+    "Concat",
+    "Slice",
+    "Split",
+    "Flatten",
+    "Reshape",
+    "Tile",
+    "Crop",
+    "BatchReindex",
     "Filter",
+    "BatchFilter",
+    "Silence",
     # loss
     "SoftmaxWithLoss",
     "Accuracy",
