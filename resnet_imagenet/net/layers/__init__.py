@@ -1,6 +1,7 @@
 """Caffe's layer catalogue, grouped into Caffe's families: base (the registry, CaffeLayer, fillers), vision,
 neuron, common (with shape and reduce split off) and loss. Importing this package registers every family's
-types (no import at a module's bottom); the names other packages use are re-exported here (``L.Convolution``, ``L.build_layer``, ...).
+types (no import at a module's bottom); the names other packages use are re-exported here
+(``L.Convolution``, ``L.build_layer``, ...).
 """
 
 from resnet_imagenet.net.layers import common, loss, neuron, reduce, shape, vision  # noqa: F401  (each family registers on import)
