@@ -38,7 +38,7 @@ from resnet_imagenet.net.layers.shape import (
     Split,
     Tile,
 )
-from resnet_imagenet.net.layers.vision import LRN, Convolution, Pooling
+from resnet_imagenet.net.layers.vision import LRN, SPP, Convolution, Deconvolution, Im2col, Pooling
 
 __all__ = [
     # base
@@ -49,6 +49,9 @@ __all__ = [
     "fill_",
     # vision
     "Convolution",
+    "Deconvolution",
+    "Im2col",
+    "SPP",
     "Pooling",
     "LRN",
     # neuron
