@@ -261,7 +261,8 @@ def test_relu_negative_slope_and_inplace_does_not_touch_inputs():
 
 
 def test_pooling_clip_rule_applies_to_both_axes_when_either_is_padded():
-    lp = layer('name: "p" type: "Pooling" pooling_param { kernel_size: 1 stride: 3 pad_h: 1 pad_w: 0 }')
+    # (kernel_h 2, not 1: Caffe requires pad < kernel -- pooling_layer.cpp CHECK_LT(pad_h_, kernel_h_))
+    lp = layer('name: "p" type: "Pooling" pooling_param { kernel_h: 2 kernel_w: 1 stride: 3 pad_h: 1 pad_w: 0 }')
     # caffe: w = ceil((5 - 1) / 3) + 1 = 3, then (3 - 1) * 3 >= 5 + 0 drops one because pad_h is set
     assert L.build_layer(lp, [(1, 1, 5, 5)]).top_shapes() == [(1, 1, 2, 2)]
 

@@ -154,7 +154,52 @@ def window_data_is_refused(tmp_path):
         layer('name: "w" type: "WindowData" top: "data" top: "label" window_data_param { source: "w.txt" }')
 
 
+def _tiny_sources(tmp_path: Path) -> tuple[Path, Path]:
+    """A one-record LMDB and a one-image list file, both of a real 3-channel 8x8 image (label 1)."""
+    import cv2
+    import lmdb
+
+    from resnet_imagenet.data.datum import encode_datum
+
+    img = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    db = tmp_path / "db"
+    with lmdb.open(str(db), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        txn.put(b"00000000_a.png", encode_datum(img, 1))
+    cv2.imwrite(str(tmp_path / "a.png"), img)
+    (tmp_path / "list.txt").write_text("a.png 1\n")
+    return db, tmp_path / "list.txt"
+
+
+def _source_net(kind: str, source: Path, extra: str = "") -> str:
+    param = "data_param { backend: LMDB" if kind == "Data" else "image_data_param {"
+    return (
+        f'layer {{ name: "d" type: "{kind}" top: "x" top: "y" transform_param {{ crop_size: 4 }} '
+        f'{param} source: "{source}" batch_size: 2 }} }} ' + extra
+    )
+
+
+def input_is_a_net_input(tmp_path):
+    text = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 dim: 1 dim: 1 } } }'
+    text += ' layer { name: "f" type: "Flatten" bottom: "x" top: "flat" }'
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()))
+    assert net.input_names == ["x"] and net.input_shapes == {"x": (2, 3, 1, 1)}
+    x = torch.randn(2, 3, 1, 1)
+    assert torch.equal(net(x)["flat"], x.reshape(2, 3))
+
+
+def data_and_image_data_tops_are_batch_x_crop(tmp_path):
+    db, listfile = _tiny_sources(tmp_path)
+    for kind, source in (("Data", db), ("ImageData", listfile)):
+        net = CaffeNet(parse_text(_source_net(kind, source), caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+        # caffe: data_layer.cpp / image_data_layer.cpp -- top (batch_size, channels, crop, crop), label (batch_size,)
+        assert net.input_names == ["x", "y"]
+        assert net.input_shapes == {"x": (2, 3, 4, 4), "y": (2,)}, kind
+
+
 VALUE_CASES: dict[str, list] = {
+    "Input": [input_is_a_net_input],
+    "Data": [data_and_image_data_tops_are_batch_x_crop],
+    "ImageData": [data_and_image_data_tops_are_batch_x_crop],
     "DummyData": [dummy_constant_and_shapes, dummy_legacy_fields_one_filler, dummy_refusals],
     "HDF5Data": [hdf5_rows_in_order_across_files, hdf5_shuffle_permutes_each_pass, hdf5_refusals],
     "HDF5Output": [hdf5_output_appends_each_forward],
@@ -218,7 +263,37 @@ def memory_data_inputs_are_the_callers(tmp_path):
     assert net.layers["fc"].weight.grad is not None
 
 
+def input_gradient_reaches_the_caller(tmp_path):
+    text = 'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 3 dim: 2 } } }'
+    text += _REGRESS.format(x="x", y="y").replace('bottom: "y"', 'bottom: "fc"')
+    text = text.replace('type: "EuclideanLoss" bottom: "fc" bottom: "fc"', 'type: "Reduction" bottom: "fc"')
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN).double()
+    # the net input is the caller's tensor: its gradient is the net's, checked against finite differences
+    x = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: net(t)["loss"], (x,))
+
+
+def data_tops_are_fed_and_take_no_gradient(tmp_path):
+    db, listfile = _tiny_sources(tmp_path)
+    for kind, source in (("Data", db), ("ImageData", listfile)):
+        text = _source_net(
+            kind,
+            source,
+            _REGRESS.format(x="x", y="y")
+            .replace('"EuclideanLoss" bottom: "fc" bottom: "y"', '"SoftmaxWithLoss" bottom: "fc" bottom: "y"')
+            .replace("num_output: 1", "num_output: 2"),
+        )
+        net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()), caffe_pb2.TRAIN)
+        x = torch.rand(2, 3, 4, 4) * 255  # what DataFeed feeds: float pixels, labels as int64
+        out = net(x, torch.tensor([0, 1]))
+        net.loss(out).backward()
+        assert not x.requires_grad and net.layers["fc"].weight.grad is not None, kind
+
+
 GRAD_CASES: dict[str, list] = {
+    "Input": [input_gradient_reaches_the_caller],
+    "Data": [data_tops_are_fed_and_take_no_gradient],
+    "ImageData": [data_tops_are_fed_and_take_no_gradient],
     "DummyData": [dummy_tops_take_no_gradient],
     "HDF5Data": [hdf5_tops_take_no_gradient],
     "HDF5Output": [hdf5_output_passes_no_gradient],

@@ -1,5 +1,6 @@
-"""Common layers: InnerProduct, BatchNorm, Scale, Eltwise, Concat, Flatten, Split, Softmax, Filter
-(BVLC Caffe's include/caffe/common_layers.hpp; Scale has its own header there, scale_layer.hpp)."""
+"""Common layers with arithmetic: InnerProduct, BatchNorm, Scale, Bias, Eltwise, Softmax, Embed, Parameter
+(BVLC Caffe's common layers; each has its own header in include/caffe/layers/). The layers that only move
+values are in shape.py, the reductions and normalizations (MVN, Reduction, ArgMax) in reduce.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_imagenet.net.layers.base import CaffeLayer, fill_, filler_of, register
+from resnet_imagenet.net.layers.base import CaffeLayer, Shape, fill_, filler_of, register
+from resnet_imagenet.net.layers.shape import canonical_axis
 from resnet_imagenet.proto import caffe_pb2
 
 
@@ -21,7 +23,7 @@ class InnerProduct(CaffeLayer):
         super().__init__(param, bottom_shapes)
         p = param.inner_product_param
         shape = bottom_shapes[0]
-        self.axis = p.axis % len(shape)
+        self.axis = canonical_axis(p.axis, len(shape))
         k = math.prod(shape[self.axis :])
         self.transpose = p.transpose
         self.weight = nn.Parameter(torch.empty((k, p.num_output) if p.transpose else (p.num_output, k)))
@@ -87,9 +89,29 @@ class BatchNorm(CaffeLayer):
         return y
 
 
+def _operand_shape(p, bottom_shapes, what: str) -> tuple[int, Shape]:
+    """caffe: scale_layer.cpp / bias_layer.cpp -- the axis and the shape of the second operand: the second
+    bottom's (axis 0 when it has no axes), else bottom[axis : axis + num_axes] (num_axes -1: to the end)."""
+    shape = bottom_shapes[0]
+    if len(bottom_shapes) == 2:
+        pshape = tuple(bottom_shapes[1])
+        axis = 0 if not pshape else canonical_axis(p.axis, len(shape))
+    else:
+        axis = canonical_axis(p.axis, len(shape)) if shape else 0
+        if p.num_axes < -1:
+            raise ValueError(f"num_axes must be -1 or non-negative, got {p.num_axes}")
+        end = len(shape) if p.num_axes == -1 else axis + p.num_axes
+        if end > len(shape):
+            raise ValueError(f"{what} blob of {p.num_axes} axes from axis {axis} exceeds input shape {shape}")
+        pshape = shape[axis:end]
+    if shape[axis : axis + len(pshape)] != pshape:
+        raise ValueError(f"{what} shape {pshape} does not match input {shape} at axis {axis}")
+    return axis, pshape
+
+
 @register("Scale")
 class Scale(CaffeLayer):
-    """y = x * scale (+ bias), the scale learned (one bottom) or given as a second bottom."""
+    """y = x * scale (+ bias), the scale learned (one bottom, default filler constant 1) or a second bottom."""
 
     blob_names = ("weight", "bias")
     n_bottoms = (1, 2)
@@ -97,19 +119,12 @@ class Scale(CaffeLayer):
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         p = param.scale_param
-        shape = bottom_shapes[0]
-        self.axis = p.axis % len(shape) if shape else 0
-        if len(bottom_shapes) == 2:
-            pshape = bottom_shapes[1]
-            self.weight = None
-        else:
-            end = len(shape) if p.num_axes == -1 else self.axis + p.num_axes
-            pshape = shape[self.axis : end]
+        self.axis, pshape = _operand_shape(p, bottom_shapes, "scale")
+        self.weight = None
+        if len(bottom_shapes) == 1:
             self.weight = nn.Parameter(torch.empty(pshape))
             fill_(self.weight, filler_of(p, "filler"), default=1.0)
-        if shape[self.axis : self.axis + len(pshape)] != tuple(pshape):
-            raise ValueError(f"scale shape {pshape} does not match input {shape} at axis {self.axis}")
-        self.view = tuple(pshape) + (1,) * (len(shape) - self.axis - len(pshape))
+        self.view = tuple(pshape) + (1,) * (len(bottom_shapes[0]) - self.axis - len(pshape))
         self.bias = None
         if p.bias_term:
             self.bias = nn.Parameter(torch.empty(pshape))
@@ -122,8 +137,34 @@ class Scale(CaffeLayer):
         return torch.addcmul(self.bias.reshape(self.view), x, s)
 
 
+@register("Bias")
+class Bias(CaffeLayer):
+    """caffe: bias_layer.cpp -- y = x + b, b learned (one bottom; filler default constant 0) or a second
+    bottom, broadcast from ``axis`` over the remaining axes."""
+
+    blob_names = ("bias",)
+    n_bottoms = (1, 2)
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        p = param.bias_param
+        self.axis, pshape = _operand_shape(p, bottom_shapes, "bias")
+        self.bias = None
+        if len(bottom_shapes) == 1:
+            self.bias = nn.Parameter(torch.empty(pshape))
+            fill_(self.bias, filler_of(p, "filler"), default=0.0)
+        self.view = tuple(pshape) + (1,) * (len(bottom_shapes[0]) - self.axis - len(pshape))
+
+    def forward(self, x, bias=None):
+        return x + (self.bias if bias is None else bias).reshape(self.view)
+
+
 @register("Eltwise")
 class Eltwise(CaffeLayer):
+    """caffe: eltwise_layer.cpp -- PROD, SUM (with coeff) or MAX of equal-shaped bottoms. stable_prod_grad only
+    picks how Caffe computes PROD's gradient (product of the other bottoms, or top / bottom); autograd's is the
+    product of the others, the same function."""
+
     n_bottoms = (2, 1 << 30)
 
     def __init__(self, param, bottom_shapes):
@@ -152,10 +193,14 @@ class Eltwise(CaffeLayer):
             for c, x in zip(self.coeff[1:], xs[1:]):
                 out = torch.add(out, x, alpha=c)
             return out
-        reduce = torch.mul if self.op == caffe_pb2.EltwiseParameter.PROD else torch.maximum
+        if self.op == caffe_pb2.EltwiseParameter.MAX:
+            # caffe: eltwise_layer.cpp -- the gradient goes to one bottom: bottom 1 on a tie of bottoms 0 and 1,
+            # else the first that reaches the maximum; stacked in that order, max() picks it
+            order = [xs[1], xs[0], *xs[2:]]
+            return torch.stack(order).max(0).values
         out = xs[0]
         for x in xs[1:]:
-            out = reduce(out, x)
+            out = out * x
         return out
 
     def _sum_into(self, xs, i: int):
@@ -167,98 +212,65 @@ class Eltwise(CaffeLayer):
         return out
 
 
-@register("Concat")
-class Concat(CaffeLayer):
-    n_bottoms = (1, 1 << 30)
-
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        p = param.concat_param
-        axis = p.axis if p.HasField("axis") or not p.HasField("concat_dim") else p.concat_dim
-        self.axis = axis % len(bottom_shapes[0])
-        for s in bottom_shapes:
-            if len(s) != len(bottom_shapes[0]) or any(
-                a != b for i, (a, b) in enumerate(zip(s, bottom_shapes[0])) if i != self.axis
-            ):
-                raise ValueError(f"bottom shapes {bottom_shapes} differ outside axis {self.axis}")
-
-    def top_shapes(self):
-        s = list(self.bottom_shapes[0])
-        s[self.axis] = sum(b[self.axis] for b in self.bottom_shapes)
-        return [tuple(s)]
-
-    def forward(self, *xs):
-        return torch.cat(xs, self.axis)
-
-
-@register("Flatten")
-class Flatten(CaffeLayer):
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        n = len(bottom_shapes[0])
-        self.start = param.flatten_param.axis % n
-        self.end = param.flatten_param.end_axis % n
-
-    def top_shapes(self):
-        s = self.bottom_shapes[0]
-        return [s[: self.start] + (math.prod(s[self.start : self.end + 1]),) + s[self.end + 1 :]]
-
-    def forward(self, x):
-        return x.flatten(self.start, self.end)
-
-
-@register("Split")
-class Split(CaffeLayer):
-    """One bottom shared by several tops (Caffe inserts these itself; prototxts may too)."""
-
-    def __init__(self, param, bottom_shapes):
-        super().__init__(param, bottom_shapes)
-        self.n_tops = max(1, len(param.top))
-
-    def top_shapes(self):
-        return [self.bottom_shapes[0]] * self.n_tops
-
-    def forward(self, x):
-        return (x,) * self.n_tops
-
-
 @register("Softmax")
 class Softmax(CaffeLayer):
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
-        self.axis = param.softmax_param.axis % len(bottom_shapes[0])
+        self.axis = canonical_axis(param.softmax_param.axis, len(bottom_shapes[0]))
 
     def forward(self, x):
         return F.softmax(x, self.axis)
 
 
-@register("Filter")
-class Filter(CaffeLayer):
-    """caffe-pro's channel sampler: keep the channels whose selector blob entry is non-zero."""
+@register("Embed")
+class Embed(CaffeLayer):
+    """caffe: embed_layer.cpp -- each bottom value (an integer index below input_dim) becomes row ``index`` of
+    the input_dim x num_output weight (+ bias); top shape is the bottom's plus num_output. Caffe computes no
+    gradient for the indices."""
 
-    blob_names = ("selector",)
+    blob_names = ("weight", "bias")
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
-        p = param.filter_param
-        self.axis = p.axis % len(bottom_shapes[0])
+        p = param.embed_param
+        if p.num_output <= 0 or p.input_dim <= 0:
+            raise ValueError(f"num_output ({p.num_output}) and input_dim ({p.input_dim}) must be positive")
         self.num_output = p.num_output
-        c = bottom_shapes[0][self.axis]
-        if not 0 < self.num_output <= c:
-            raise ValueError(f"filter_param.num_output {self.num_output} must be in 1..{c}")
-        sel = torch.zeros(c)
-        sel[: self.num_output] = 1.0
-        self.register_buffer("selector", sel)
+        self.weight = nn.Parameter(torch.empty(p.input_dim, p.num_output))
+        fill_(self.weight, filler_of(p, "weight_filler"))
+        self.bias = None
+        if p.bias_term:
+            self.bias = nn.Parameter(torch.empty(p.num_output))
+            fill_(self.bias, filler_of(p, "bias_filler"))
 
     def top_shapes(self):
-        s = list(self.bottom_shapes[0])
-        s[self.axis] = self.num_output
-        return [tuple(s)]
+        return [self.bottom_shapes[0] + (self.num_output,)]
 
     def forward(self, x):
-        idx = self.selector.nonzero().flatten()
-        if idx.numel() != self.num_output:
-            raise ValueError(
-                f"layer '{self.name}': selector keeps {idx.numel()} channels, num_output is {self.num_output}"
-            )
-        return x.index_select(self.axis, idx.to(x.device))
+        idx = x.detach().long()
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.weight.shape[0] or (idx != x.detach()).any()):
+            raise ValueError(f"layer '{self.name}': Embed inputs must be integers in 0..{self.weight.shape[0] - 1}")
+        out = F.embedding(idx, self.weight)
+        return out if self.bias is None else out + self.bias
+
+
+@register("Parameter")
+class Parameter(CaffeLayer):
+    """caffe: parameter_layer.hpp -- no bottom; the top is the layer's one learnable blob, of parameter_param's
+    shape (zeros until trained or loaded, as Caffe's new Blob)."""
+
+    blob_names = ("weight",)
+    n_bottoms = (0, 0)
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        shape = tuple(param.parameter_param.shape.dim)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"parameter_param.shape {shape} has a negative dimension")
+        self.weight = nn.Parameter(torch.zeros(shape))
+
+    def top_shapes(self):
+        return [tuple(self.weight.shape)]
+
+    def forward(self):
+        return self.weight

@@ -1,4 +1,4 @@
-"""Vision layers: Convolution, Pooling, LRN (BVLC Caffe's include/caffe/vision_layers.hpp).
+"""Vision layers: Convolution, Deconvolution, Im2col, Pooling, LRN (BVLC Caffe's include/caffe/vision_layers.hpp).
 
 Layers over N x C x H x W maps whose windows slide over H and W; their 2-D parameters follow Caffe's
 rule (one value, two values, or an _h/_w pair).
@@ -39,52 +39,110 @@ def _check_4d(shape: Shape) -> None:
         raise ValueError(f"expects N x C x H x W input, got shape {shape}")
 
 
-@register("Convolution")
-class Convolution(CaffeLayer):
+def conv_geometry(p: caffe_pb2.ConvolutionParameter) -> dict[str, tuple[int, int]]:
+    """kernel, stride, pad and dilation of a ConvolutionParameter (caffe: base_conv_layer.cpp LayerSetUp):
+    kernel_h/_w and stride_h/_w replace kernel_size/stride and must both be positive; pad_h or pad_w alone is
+    fine (the other stays 0)."""
+    if p.axis != 1:
+        raise ValueError("only axis 1 (channels) is supported")
+    has = {f: p.HasField(f"{f}_h") or p.HasField(f"{f}_w") for f in ("kernel", "stride")}
+    g = {
+        "kernel": _pair(p.kernel_size, has["kernel"], p.kernel_h, p.kernel_w, None, "kernel_size"),
+        "stride": _pair(p.stride, has["stride"], p.stride_h, p.stride_w, 1, "stride"),
+        "pad": _pair(p.pad, p.HasField("pad_h") or p.HasField("pad_w"), p.pad_h, p.pad_w, 0, "pad"),
+        "dilation": _pair(p.dilation, False, 0, 0, 1, "dilation"),
+    }
+    if min(g["kernel"]) <= 0 or min(g["stride"]) <= 0 or min(g["dilation"]) <= 0:
+        raise ValueError(f"kernel {g['kernel']}, stride {g['stride']} and dilation {g['dilation']} must be positive")
+    return g
+
+
+def conv_out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    """caffe: conv_layer.cpp compute_output_shape -- (in + 2p - dilated kernel) / s + 1, rounded down."""
+    return (size + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
+class _ConvBase(CaffeLayer):
+    """What Convolution and Deconvolution share (caffe: base_conv_layer.cpp)."""
+
     blob_names = ("weight", "bias")
+    transposed = False
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         p = param.convolution_param
         _check_4d(bottom_shapes[0])
-        if p.axis != 1:
-            raise ValueError("only axis 1 (channels) is supported")
-        # caffe: base_conv_layer.cpp -- kernel_h/_w and stride_h/_w replace kernel_size/stride and
-        # must both be positive; pad_h or pad_w alone is fine (the other stays 0)
-        has = {f: p.HasField(f"{f}_h") or p.HasField(f"{f}_w") for f in ("kernel", "stride")}
-        self.kernel = _pair(p.kernel_size, has["kernel"], p.kernel_h, p.kernel_w, None, "kernel_size")
-        self.stride = _pair(p.stride, has["stride"], p.stride_h, p.stride_w, 1, "stride")
-        self.pad = _pair(p.pad, p.HasField("pad_h") or p.HasField("pad_w"), p.pad_h, p.pad_w, 0, "pad")
-        if min(self.kernel) <= 0 or min(self.stride) <= 0:
-            raise ValueError(f"kernel {self.kernel} and stride {self.stride} must be positive")
-        self.dilation = _pair(p.dilation, False, 0, 0, 1, "dilation")
+        g = conv_geometry(p)
+        self.kernel, self.stride, self.pad, self.dilation = g["kernel"], g["stride"], g["pad"], g["dilation"]
         self.group = p.group
         cin, cout = bottom_shapes[0][1], p.num_output
-        if cout <= 0 or cin % self.group or cout % self.group:
+        if cout <= 0 or self.group <= 0 or cin % self.group or cout % self.group:
             raise ValueError(
                 f"num_output {cout} and {cin} input channels must be positive multiples of group {p.group}"
             )
-        self.weight = nn.Parameter(torch.empty(cout, cin // self.group, *self.kernel))
+        wshape = (cin, cout // self.group) if self.transposed else (cout, cin // self.group)
+        self.weight = nn.Parameter(torch.empty(*wshape, *self.kernel))
         fill_(self.weight, filler_of(p, "weight_filler"))
         self.bias = None
         if p.bias_term:
             self.bias = nn.Parameter(torch.empty(cout))
             fill_(self.bias, filler_of(p, "bias_filler"))
+        self.num_output = cout
+        if min(self.top_shapes()[0][2:]) <= 0:
+            raise ValueError(f"output size {self.top_shapes()[0][2:]} of input {bottom_shapes[0]} is not positive")
 
     def top_shapes(self):
         n, _, h, w = self.bottom_shapes[0]
-        # caffe: conv_layer.cpp compute_output_shape -- (in + 2p - dilated kernel) / s + 1, rounded down
-        hw = [
-            (size + 2 * p - (d * (k - 1) + 1)) // s + 1
-            for size, p, k, s, d in zip((h, w), self.pad, self.kernel, self.stride, self.dilation)
-        ]
-        return [(n, self.weight.shape[0], *hw)]
+        geo = list(zip((h, w), self.kernel, self.stride, self.pad, self.dilation))
+        if self.transposed:  # caffe: deconv_layer.cpp compute_output_shape
+            hw = [s * (size - 1) + d * (k - 1) + 1 - 2 * p for size, k, s, p, d in geo]
+        else:
+            hw = [conv_out_size(*g) for g in geo]
+        return [(n, self.num_output, *hw)]
 
     def macs(self) -> int:
+        if self.transposed:  # each input position meets every weight of its group once
+            return math.prod(self.bottom_shapes[0][1:]) * math.prod(self.weight.shape[1:])
         return math.prod(self.top_shapes()[0][1:]) * math.prod(self.weight.shape[1:])
 
     def forward(self, x):
+        if self.transposed:
+            return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.pad, 0, self.group, self.dilation)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.group)
+
+
+@register("Convolution")
+class Convolution(_ConvBase):
+    """caffe: conv_layer.cpp -- weight num_output x num_input / group x kh x kw."""
+
+
+@register("Deconvolution")
+class Deconvolution(_ConvBase):
+    """caffe: deconv_layer.cpp -- convolution's transpose: weight num_input x num_output / group x kh x kw,
+    output (in - 1) * stride + dilated kernel - 2 * pad."""
+
+    transposed = True
+
+
+@register("Im2col")
+class Im2col(CaffeLayer):
+    """caffe: im2col_layer.cpp -- every kernel window as a column: N x (C * kh * kw) x oh x ow, the rows in
+    (channel, kernel row, kernel column) order; convolution_param's kernel, stride, pad and dilation."""
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        _check_4d(bottom_shapes[0])
+        g = conv_geometry(param.convolution_param)
+        self.kernel, self.stride, self.pad, self.dilation = g["kernel"], g["stride"], g["pad"], g["dilation"]
+
+    def top_shapes(self):
+        n, c, h, w = self.bottom_shapes[0]
+        geo = zip((h, w), self.kernel, self.stride, self.pad, self.dilation)
+        return [(n, c * math.prod(self.kernel), *(conv_out_size(*g) for g in geo))]
+
+    def forward(self, x):
+        cols = F.unfold(x, self.kernel, self.dilation, self.pad, self.stride)
+        return cols.reshape(self.top_shapes()[0])
 
 
 @register("Pooling")
@@ -94,7 +152,7 @@ class Pooling(CaffeLayer):
         p = param.pooling_param
         _check_4d(bottom_shapes[0])
         if p.pool == caffe_pb2.PoolingParameter.STOCHASTIC:
-            raise ValueError("STOCHASTIC pooling is not supported")
+            raise ValueError("STOCHASTIC pooling is refused: Caffe implements it on the GPU only (pooling_layer.cpp)")
         self.max = p.pool == caffe_pb2.PoolingParameter.MAX
         h, w = bottom_shapes[0][2:]
         # caffe: pooling_layer.cpp LayerSetUp -- each of kernel, pad, stride is given once or as an
@@ -111,6 +169,8 @@ class Pooling(CaffeLayer):
         self.pad = (p.pad_h, p.pad_w) if p.HasField("pad_h") else (p.pad, p.pad)
         if min(self.kernel) <= 0 or min(self.stride) <= 0:
             raise ValueError(f"kernel {self.kernel} and stride {self.stride} must be positive")
+        if any(p >= k for p, k in zip(self.pad, self.kernel)):  # caffe: CHECK_LT(pad_h_, kernel_h_)
+            raise ValueError(f"pad {self.pad} must be smaller than kernel {self.kernel}")
         self.ceil = p.round_mode == caffe_pb2.PoolingParameter.CEIL
         self.out_hw = tuple(self._caffe_size(i, (h, w)[i]) for i in range(2))
         # torch's ceil_mode follows Caffe's rule except when pad is 0 and kernel < stride, and it
@@ -171,6 +231,8 @@ class Pooling(CaffeLayer):
 
 @register("LRN")
 class LRN(CaffeLayer):
+    """caffe: lrn_layer.cpp -- ACROSS_CHANNELS or WITHIN_CHANNEL (see forward)."""
+
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
         p = param.lrn_param
@@ -188,3 +250,38 @@ class LRN(CaffeLayer):
         pad = (self.size - 1) // 2
         avg = F.avg_pool2d(x * x, self.size, 1, pad, count_include_pad=True)
         return x * (1.0 + self.alpha * avg).pow(-self.beta)
+
+
+@register("SPP")
+class SPP(CaffeLayer):
+    """caffe: spp_layer.cpp -- spatial pyramid pooling: for level l < pyramid_height, a Pooling of 2^l x 2^l
+    bins (kernel ceil(H / bins), stride = kernel, pad (kernel * bins - H + 1) / 2, per axis); each flattened,
+    all concatenated along axis 1. pyramid_height 1 is one global pooling."""
+
+    def __init__(self, param, bottom_shapes):
+        super().__init__(param, bottom_shapes)
+        p = param.spp_param
+        _check_4d(bottom_shapes[0])
+        if p.pyramid_height < 1:
+            raise ValueError(f"spp_param.pyramid_height must be positive, got {p.pyramid_height}")
+        h, w = bottom_shapes[0][2:]
+        self.levels = nn.ModuleList()
+        for level in range(p.pyramid_height):
+            lp = caffe_pb2.LayerParameter(name=f"{param.name}_pool{level}", type="Pooling")
+            pp = lp.pooling_param
+            pp.pool = p.pool  # SPPParameter.PoolMethod has PoolingParameter's values
+            if p.pyramid_height == 1:
+                pp.global_pooling = True
+            else:
+                bins = 2**level
+                kh, kw = -(-h // bins), -(-w // bins)
+                pp.kernel_h, pp.kernel_w, pp.stride_h, pp.stride_w = kh, kw, kh, kw
+                pp.pad_h, pp.pad_w = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
+            self.levels.append(Pooling(lp, bottom_shapes))
+
+    def top_shapes(self):
+        n = self.bottom_shapes[0][0]
+        return [(n, sum(math.prod(m.top_shapes()[0][1:]) for m in self.levels))]
+
+    def forward(self, x):
+        return torch.cat([m(x).flatten(1) for m in self.levels], 1)
