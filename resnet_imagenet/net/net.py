@@ -13,7 +13,7 @@ from resnet_imagenet.net.graph import BlobGraph, Value, blob_graph
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.net.weights import copy_trained_layers, layer_blobs, read_caffemodels
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net, upgrade_net
 from resnet_imagenet.util.atomic import atomic_write_bytes
 
 
@@ -277,7 +277,12 @@ def load_net(
 ) -> CaffeNet:
     """Build a CaffeNet from a prototxt (path or NetParameter) for ``phase``, optionally loading weights."""
     ph = parse_phase(phase)
-    net_param = read_net(model) if not isinstance(model, caffe_pb2.NetParameter) else model
+    if isinstance(model, caffe_pb2.NetParameter):
+        net_param = caffe_pb2.NetParameter()
+        net_param.CopyFrom(model)
+        upgrade_net(net_param)  # a V1 NetParameter built in code is upgraded as a read file is
+    else:
+        net_param = read_net(model)
     filtered = filter_net(net_param, ph, level, tuple(stages))
     try:
         net = CaffeNet(filtered, ph, input_shapes=input_shapes)
