@@ -144,3 +144,9 @@ def test_device_query(capsys) -> None:
     else:
         assert out.startswith("No GPU found")
     assert cli.main(["device_query", "-gpu", "99"]) == (1 if torch.cuda.is_available() else 0)
+
+
+def test_summary_reads_the_first_record(project, capsys) -> None:
+    assert cli.main(["summary", "-model", "net.prototxt", "-batch", "2"]) == 0
+    data_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("data "))
+    assert data_row.split()[:4] == ["data", "Data", "2x3x4x4,", "2"]  # 4x4 images, no crop_size

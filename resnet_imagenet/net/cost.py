@@ -74,9 +74,12 @@ def _macs(module: torch.nn.Module) -> int:
     return module.macs() if hasattr(module, "macs") else 0
 
 
-def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
-    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net."""
-    net = load_at_batch(model_path, phase, batch)
+def summarize(
+    model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1, input_shapes: dict | None = None
+) -> Summary:
+    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net;
+    ``input_shapes``: data layers' top shapes where known (data/shapes.py)."""
+    net = load_at_batch(model_path, phase, batch, input_shapes)
     out = Summary(net.name, batch)
     for lp in net.data_layers:
         out.layers.append(LayerCost(lp.name, lp.type, [net.input_shapes[t] for t in lp.top]))
