@@ -26,7 +26,7 @@ def run(argv: list[str], cwd: Path) -> str:
 
 def top1(cwd: Path, model: str, weights: str) -> float:
     out = run(CLI + ["test", "--model", model, "--weights", weights], cwd)
-    return float(re.search(r"^top-1 = ([0-9.]+)$", out, re.M).group(1))
+    return float(re.search(r"^accuracy@1 = ([0-9.e+-]+)$", out, re.M).group(1))  # the zoo nets' top-1 output
 
 
 def main() -> None:

@@ -28,3 +28,23 @@ def reference_dir() -> Path:
     if ref is None:
         pytest.skip("real Caffe reference files not found (../shared/reference or $RESNET_IMAGENET_REFERENCE)")
     return ref
+
+
+def _find_bvlc() -> Path | None:
+    candidates = [
+        REPO.parent / "shared" / "bvlc-caffe",
+        Path(os.environ.get("RESNET_IMAGENET_BVLC", "/nonexistent")),
+    ]
+    for c in candidates:
+        if (c / "SOURCES.md").is_file():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def bvlc_dir() -> Path:
+    """../shared/bvlc-caffe (BVLC Caffe's example and model prototxts); skip when it is absent."""
+    found = _find_bvlc()
+    if found is None:
+        pytest.skip("BVLC Caffe's examples not found (../shared/bvlc-caffe or $RESNET_IMAGENET_BVLC)")
+    return found

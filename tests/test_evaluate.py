@@ -26,6 +26,7 @@ layer {{ name: "data" type: "Data" top: "data" top: "label" include {{ phase: TE
 layer {{ name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param {{ num_output: {classes} }} }}
 layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }}
 layer {{ name: "acc" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc" }}
+layer {{ name: "acc5" type: "Accuracy" bottom: "fc" bottom: "label" top: "acc5" accuracy_param {{ top_k: 5 }} }}
 """
 
 
@@ -83,11 +84,13 @@ def _expected(images, labels, w, b, mean, *, ten: bool):
     }
 
 
-def _check(got: dict, want: dict) -> None:
-    assert got["images"] == want["images"]
-    assert got["top-1"] == pytest.approx(want["top-1"], abs=1e-9)
-    assert got["top-5"] == pytest.approx(want["top-5"], abs=1e-9)
+def _check(got, want: dict) -> None:
+    """The net's outputs: acc (top-1), acc5 (top-5) and loss (loss_weight 1, so the total Loss too)."""
+    assert got.images == want["images"] and got.names == ["acc", "acc5", "loss"]
+    assert got["acc"] == pytest.approx(want["top-1"], abs=1e-6)
+    assert got["acc5"] == pytest.approx(want["top-5"], abs=1e-6)
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert got.loss == pytest.approx(want["loss"], rel=1e-5) and got.loss_weights == {"loss": 1.0}
 
 
 @pytest.mark.parametrize("mean", ['mean_file: "mean.binaryproto"', "mean_value: 10 mean_value: 20 mean_value: 30"])
@@ -96,8 +99,8 @@ def test_every_image_once_exact(tmp_path, mean, ten) -> None:
     model, images, labels, w, b, m = _setup(tmp_path, mean)
     batches = []
     got = evaluate(model, tmp_path / "w.caffemodel", ten_crop=ten, num_workers=0, base_dir=tmp_path,
-                   on_batch=lambda i, r: batches.append(r["images"]))  # fmt: skip
-    assert batches == [3, 3, 1]  # the short last batch weighs 1 image, not 3
+                   on_batch=lambda i, r: batches.append([name for name, _ in r]))  # fmt: skip
+    assert batches == [["acc", "acc5", "loss"]] * 3  # 3 + 3 + 1 images: the short last batch weighs 1 image, not 3
     want = _expected(images, labels, w, b, m, ten=ten)
     _check(got, want)
     assert 0 < want["top-5"] < 1 or want["top-1"] != want["top-5"]  # the fixture is not degenerate
@@ -146,9 +149,11 @@ def test_cli_prints_summary(tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert cli.main(["test", "--model", str(model), "--weights", "w.caffemodel", "--workers", "0"]) == 0
     out = capsys.readouterr().out.splitlines()
-    want = _expected(images, labels, w, b, m, ten=False)
-    assert out == [f"images = {N_IMAGES}", f"top-1 = {want['top-1']:.5f}", f"top-5 = {want['top-5']:.5f}",
-                   f"loss = {want['loss']:.5f}"]  # fmt: skip
+    got = evaluate(model, "w.caffemodel", num_workers=0)
+    # caffe: tools/caffe.cpp test() -- the mean total loss, then each output blob by name
+    assert out == [f"Loss: {got.loss:.6g}", f"acc = {got['acc']:.6g}", f"acc5 = {got['acc5']:.6g}",
+                   f"loss = {got['loss']:.6g} (* 1 = {got['loss']:.6g} loss)"]  # fmt: skip
+    _check(got, _expected(images, labels, w, b, m, ten=False))
     assert cli.main(["test", "--model", str(model), "--weights", "missing.caffemodel"]) == 1
     assert "missing.caffemodel" in capsys.readouterr().err
 
@@ -176,8 +181,8 @@ def test_ten_crop_images_of_different_sizes(tmp_path) -> None:
         e = np.exp(z - z.max(1, keepdims=True))
         probs.append((e / e.sum(1, keepdims=True)).mean(0))
     probs = np.array(probs)
-    assert got["images"] == len(images)
-    assert got["top-1"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
+    assert got.images == len(images)
+    assert got["acc"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
     assert got["loss"] == pytest.approx(float(np.mean(-np.log(probs[np.arange(len(labels)), labels]))), rel=1e-5)
 
 

@@ -29,6 +29,7 @@ import torch
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.records import SKIPPED, Records, Unsupported
+from resnet_imagenet.data.shapes import layer_channels
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import TRAIN, parse_phase
 
@@ -167,6 +168,18 @@ def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path, order: str, se
     raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
 
 
+def _rand_skip(lp: caffe_pb2.LayerParameter, seed: int) -> int:
+    """caffe: data_layer.cpp / image_data_layer.cpp -- skip a random number in [0, rand_skip) of records at the
+    start. Drawn from the seed, so every process skips the same number of its own records and the shares stay
+    disjoint (with N processes, N times as many records are skipped in all); resume keeps the position."""
+    n = lp.data_param.rand_skip if lp.type == "Data" else lp.image_data_param.rand_skip
+    if not n:
+        return 0
+    skip = int(np.random.default_rng([seed, 2]).integers(0, n))
+    log.info("layer '%s': Skipping first %d data points.", lp.name, skip)
+    return skip
+
+
 def _check_sharing(layer: str, recs: Records, batch: int, rank: int, world_size: int) -> None:
     if batch <= 0:
         raise ValueError(f"layer '{layer}': batch_size must be positive")
@@ -204,8 +217,7 @@ class DataFeed:
         rrc = bool(random_resized_crop and phase == TRAIN)
         if rrc and not tp.crop_size:
             raise ValueError(f"layer '{lp.name}': random_resized_crop needs crop_size")
-        force_gray = tp.force_gray or (lp.type == "ImageData" and not lp.image_data_param.is_color)
-        channels = T.GRAY if force_gray else T.COLOR if tp.force_color else recs.native_channels()
+        channels = layer_channels(lp, recs)  # data/shapes.py: ImageData's is_color, a Datum's own channels
         cfg = {
             "rank": rank,
             "world_size": world_size,
@@ -236,7 +248,7 @@ class DataFeed:
             layer=lp.name,
         )
         self._check_first_record()
-        self._pos = 0
+        self._pos = _rand_skip(lp, seed)
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
 

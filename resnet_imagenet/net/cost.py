@@ -44,17 +44,21 @@ class Summary:
         return next(x for x in self.layers if x.name == name)
 
 
-def load_at_batch(model_path: str | os.PathLike, phase: str | int, batch: int | None) -> CaffeNet:
-    """The net for ``phase`` with every data layer's batch dimension set to ``batch`` (None: as written)."""
+def load_at_batch(
+    model_path: str | os.PathLike, phase: str | int, batch: int | None, input_shapes: dict | None = None
+) -> CaffeNet:
+    """The net for ``phase`` with every data layer's batch dimension set to ``batch`` (None: as written);
+    ``input_shapes`` (by top) are the data layers' shapes where known (data/shapes.py reads them from records)."""
     ph = parse_phase(phase)
     net_param = filter_net(read_net(model_path), ph)
-    shapes = {}
+    shapes = dict(input_shapes or {})
     if batch is not None:
         if batch < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         for lp in net_param.layer:
             if lp.type in DATA_LAYER_TYPES:
-                for top, shape in zip(lp.top, data_layer_shapes(lp)):
+                known = [shapes[t] for t in lp.top] if all(t in shapes for t in lp.top) else data_layer_shapes(lp)
+                for top, shape in zip(lp.top, known):
                     shapes[top] = (batch, *shape[1:])
     return load_net(net_param, phase=ph, input_shapes=shapes or None)
 
@@ -70,9 +74,12 @@ def _macs(module: torch.nn.Module) -> int:
     return module.macs() if hasattr(module, "macs") else 0
 
 
-def summarize(model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1) -> Summary:
-    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net."""
-    net = load_at_batch(model_path, phase, batch)
+def summarize(
+    model_path: str | os.PathLike, phase: str | int = "test", batch: int = 1, input_shapes: dict | None = None
+) -> Summary:
+    """Per-layer top shapes, learnable parameters (BatchNorm statistics excluded) and MACs of a net;
+    ``input_shapes``: data layers' top shapes where known (data/shapes.py)."""
+    net = load_at_batch(model_path, phase, batch, input_shapes)
     out = Summary(net.name, batch)
     for lp in net.data_layers:
         out.layers.append(LayerCost(lp.name, lp.type, [net.input_shapes[t] for t in lp.top]))

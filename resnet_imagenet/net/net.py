@@ -13,12 +13,14 @@ from resnet_imagenet.net.graph import BlobGraph, Value, blob_graph
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.net.weights import copy_trained_layers, layer_blobs, read_caffemodels
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net
+from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net, upgrade_net
 from resnet_imagenet.util.atomic import atomic_write_bytes
 
 
 def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
-    """Top shapes of a data layer: Input's shapes; Data/ImageData's (batch, C, crop, crop) and (batch,)."""
+    """Top shapes of a data layer from its parameters alone: Input's shapes; Data/ImageData's (batch, C, crop, crop)
+    or ImageData's (batch, C, new_height, new_width), and (batch,). Channels: 3 unless force_gray (or ImageData's
+    is_color false); data/shapes.py reads a Datum's own channels and the first record's size."""
     if layer.type == "Input":
         shapes = [tuple(s.dim) for s in layer.input_param.shape]
         if len(shapes) == 1:
@@ -36,12 +38,16 @@ def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
     else:
         batch = layer.image_data_param.batch_size
         channels = 3 if layer.image_data_param.is_color else 1
-    if not t.crop_size:
-        raise PrototxtError(
-            f"layer '{layer.name}': cannot infer the input size without transform_param.crop_size; "
-            "pass input_shapes= to CaffeNet"
-        )
-    return [(batch, channels, t.crop_size, t.crop_size), (batch,)][: len(layer.top)]
+    if t.crop_size:
+        return [(batch, channels, t.crop_size, t.crop_size), (batch,)][: len(layer.top)]
+    ip = layer.image_data_param
+    if layer.type == "ImageData" and ip.new_height and ip.new_width:  # caffe: images resized to new_height x new_width
+        return [(batch, channels, ip.new_height, ip.new_width), (batch,)][: len(layer.top)]
+    # caffe: the shape comes from the first record, which net/ does not read (data/shapes.py does)
+    raise PrototxtError(
+        f"layer '{layer.name}': the input size comes from the first record without transform_param.crop_size; "
+        "pass input_shapes= (resnet_imagenet.data.shapes.data_input_shapes) to CaffeNet"
+    )
 
 
 class CaffeNet(nn.Module):
@@ -283,7 +289,12 @@ def load_net(
 ) -> CaffeNet:
     """Build a CaffeNet from a prototxt (path or NetParameter) for ``phase``, optionally loading weights."""
     ph = parse_phase(phase)
-    net_param = read_net(model) if not isinstance(model, caffe_pb2.NetParameter) else model
+    if isinstance(model, caffe_pb2.NetParameter):
+        net_param = caffe_pb2.NetParameter()
+        net_param.CopyFrom(model)
+        upgrade_net(net_param)  # a V1 NetParameter built in code is upgraded as a read file is
+    else:
+        net_param = read_net(model)
     filtered = filter_net(net_param, ph, level, tuple(stages))
     try:
         net = CaffeNet(filtered, ph, input_shapes=input_shapes)

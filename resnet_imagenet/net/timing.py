@@ -109,17 +109,18 @@ def time_net(
     device: str = "cpu",
     phase: str = "train",
     batch: int | None = None,
+    input_shapes: dict | None = None,
 ) -> dict:
     """Caffe's ``caffe time``: average forward and backward time per layer and per iteration (ms).
 
     Like Caffe it runs the net in ``phase`` (TRAIN by default) on its own batch size (``batch``
     overrides it) after one untimed forward + backward, on random data and labels 0, on ``device``
-    (a torch device string: "cpu", "cuda:0").
+    (a torch device string: "cpu", "cuda:0"). ``input_shapes``: data layers' top shapes where known.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, not {iterations}")
     dev = torch.device(device)
-    net = load_at_batch(model_path, phase, batch).to(dev)
+    net = load_at_batch(model_path, phase, batch, input_shapes).to(dev)
     inputs = {}
     for name in net.input_names:
         shape = net.input_shapes[name]

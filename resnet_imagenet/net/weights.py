@@ -17,6 +17,7 @@ import torch
 from resnet_imagenet.net.layers import CaffeLayer
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import array_to_blob, blob_shape, blob_to_array, is_legacy, read_binary_proto
+from resnet_imagenet.proto.text import upgrade_net
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,9 @@ def read_caffemodels(path: str | os.PathLike) -> Iterator[tuple[Path, caffe_pb2.
     """Each file of ``path`` (one path, or several comma-separated) and its NetParameter, read in turn."""
     for one in str(path).split(","):
         p = Path(one)
-        yield p, read_binary_proto(p, caffe_pb2.NetParameter(), "caffemodel (binary NetParameter)")
+        net = read_binary_proto(p, caffe_pb2.NetParameter(), "caffemodel (binary NetParameter)")
+        upgrade_net(net, str(p))  # caffe: ReadNetParamsFromBinaryFileOrDie upgrades V0/V1 files, blobs kept
+        yield p, net
 
 
 def layer_blobs(name: str, module: CaffeLayer, legacy: Legacy) -> list[caffe_pb2.BlobProto]:
@@ -39,9 +42,9 @@ def layer_blobs(name: str, module: CaffeLayer, legacy: Legacy) -> list[caffe_pb2
 
 
 def copy_trained_layers(modules: Mapping[str, CaffeLayer], src: caffe_pb2.NetParameter, legacy: Legacy) -> None:
-    """Copy the blobs of ``src``'s layers into the modules of the same name; records legacy blobs in ``legacy``."""
-    if not any(lp.blobs for lp in src.layer):
-        raise ValueError("no layer carries weights (V1 'layers' caffemodels are not supported)")
+    """Copy the blobs of ``src``'s layers into the modules of the same name; records legacy blobs in ``legacy``.
+
+    A file none of whose layers carries blobs (a net with no learnable layer) copies nothing, as in Caffe."""
     for lp in src.layer:
         if not lp.blobs:
             continue

@@ -13,7 +13,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto import caffe_pb2, upgrade
 
 TRAIN = caffe_pb2.TRAIN
 TEST = caffe_pb2.TEST
@@ -47,20 +47,19 @@ def read_message(path: str | os.PathLike, message: Message) -> Message:
 
 
 def read_net(path: str | os.PathLike) -> caffe_pb2.NetParameter:
-    """Read a net prototxt, upgrading legacy input fields and data-layer transform fields."""
+    """Read a net prototxt, upgraded as Caffe does (V0/V1 layers, input fields, transform fields, BatchNorm)."""
     net = read_message(path, caffe_pb2.NetParameter())
-    upgrade_net(net)
+    upgrade_net(net, str(path))
     return net
 
 
 def read_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     """Read a solver prototxt, moving the deprecated ``solver_type`` enum into ``type``."""
     solver = read_message(path, caffe_pb2.SolverParameter())
-    if solver.HasField("solver_type") and not solver.HasField("type"):
-        # caffe: UpgradeSolverType (upgrade_proto.cpp) maps the enum onto the type string.
-        names = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
-        solver.type = names[solver.solver_type]
-        solver.ClearField("solver_type")
+    try:
+        upgrade.upgrade_solver(solver, str(path))
+    except ValueError as e:
+        raise PrototxtError(str(e)) from None
     return solver
 
 
@@ -69,46 +68,13 @@ def to_text(message: Message) -> str:
     return text_format.MessageToString(message)
 
 
-def upgrade_net(net: caffe_pb2.NetParameter) -> None:
-    """Apply Caffe's in-memory upgrades to ``net`` (in place).
-
-    - caffe: UpgradeNetInput -- the deprecated ``input``/``input_dim``/``input_shape`` fields
-      become an Input layer at the front.
-    - caffe: UpgradeNetDataTransformation -- ``scale``/``mean_file``/``crop_size``/``mirror`` in
-      data_param or image_data_param move to transform_param.
-    """
-    if net.input:
-        shapes = []
-        if net.input_shape:
-            shapes = [list(s.dim) for s in net.input_shape]
-        elif net.input_dim:
-            if len(net.input_dim) != 4 * len(net.input):
-                raise PrototxtError(
-                    f"net '{net.name}': input_dim must have 4 values per input "
-                    f"({len(net.input)} inputs, {len(net.input_dim)} values)"
-                )
-            dims = list(net.input_dim)
-            shapes = [dims[4 * i : 4 * i + 4] for i in range(len(net.input))]
-        layer = caffe_pb2.LayerParameter(name="input", type="Input")
-        layer.top.extend(net.input)
-        for dims in shapes:
-            layer.input_param.shape.add().dim.extend(dims)
-        layers = [layer] + list(net.layer)
-        net.ClearField("layer")
-        net.layer.extend(layers)
-        net.ClearField("input")
-        net.ClearField("input_dim")
-        net.ClearField("input_shape")
-    for layer in net.layer:
-        for field in ("data_param", "image_data_param"):
-            if not layer.HasField(field):
-                continue
-            p = getattr(layer, field)
-            t = layer.transform_param
-            for name in ("scale", "mean_file", "crop_size", "mirror"):
-                if p.HasField(name):
-                    setattr(t, name, getattr(p, name))
-                    p.ClearField(name)
+def upgrade_net(net: caffe_pb2.NetParameter, source: str | None = None) -> list[str]:
+    """Apply Caffe's upgrades to ``net`` in place (proto/upgrade.py: V0, V1, input fields, data transformation
+    fields, BatchNorm params); returns what was upgraded. Errors are PrototxtErrors naming ``source``."""
+    try:
+        return upgrade.upgrade_net(net, source or f"net '{net.name}'")
+    except ValueError as e:
+        raise PrototxtError(str(e)) from None
 
 
 def parse_phase(phase: str | int) -> int:

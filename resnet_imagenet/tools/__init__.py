@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {  # command: (module in resnet_imagenet.
     "test": ("test", "score a trained net on its TEST phase data (caffe test): top-1, top-5, loss"),
     "classify": ("classify", "top-5 classes of image files with a deploy net"),
     "demo": ("demo", "the whole pipeline on the built-in dataset, in a few CPU minutes (make demo)"),
+    "upgrade_net_proto_text": ("upgrade_net_proto", "write a V0/V1 net prototxt in today's format (caffe's tool)"),
+    "upgrade_net_proto_binary": ("upgrade_net_proto", "write a V0/V1 caffemodel in today's format (caffe's tool)"),
+    "device_query": ("device_query", "list the GPUs and their properties (caffe device_query)"),
     "demo_data": ("demo_data", "write the built-in demo dataset (JPEGs in class folders, train and val)"),
 }
 

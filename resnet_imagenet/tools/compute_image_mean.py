@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crop", type=int, default=d["crop"], help=crop_help)
     legacy_help = "write num/channels/height/width instead of shape"
     p.add_argument("--legacy", action="store_true", default=d["legacy"], help=legacy_help)
+    p.add_argument("--backend", default="lmdb", choices=["lmdb"], help="only lmdb (Caffe's -backend flag)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=d["progress"])
     p.set_defaults(func=run)
 

@@ -146,7 +146,7 @@ def _write_nets(out: Path, cfg: DemoConfig, val_images: int) -> Path:
 
 
 def _top1(output: str) -> float:
-    m = re.search(r"^top-1 = ([0-9.]+)$", output, re.M)
+    m = re.search(r"^accuracy@1 = ([0-9.e+-]+)$", output, re.M)  # test prints each output blob (the zoo's top-1)
     if not m:
         raise RuntimeError(f"no top-1 in the test output:\n{output[-2000:]}")
     return float(m.group(1))

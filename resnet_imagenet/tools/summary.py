@@ -34,9 +34,14 @@ def _shape(s: tuple[int, ...]) -> str:
 
 def print_summary(model_path: str | os.PathLike, phase: str = "test", batch: int = 1) -> Summary:
     """Print ``summarize``'s table and totals to stdout (the ``summary`` command)."""
+    from resnet_imagenet.data.shapes import data_input_shapes
     from resnet_imagenet.net.cost import summarize
+    from resnet_imagenet.net.phase import filter_net
+    from resnet_imagenet.proto.text import parse_phase, read_net
 
-    s = summarize(model_path, phase, batch)
+    # caffe: a data layer's top shape comes from its first record (where the source is here)
+    shapes = data_input_shapes(filter_net(read_net(model_path), parse_phase(phase)).layer, missing_ok=True)
+    s = summarize(model_path, phase, batch, shapes)
     width = max(len(x.name) for x in s.layers) + 2
     print(f"{s.name or model_path}: phase {phase}, batch {batch}")
     print(f"{'layer':{width}}{'type':18}{'top shape':22}{'params':>14}{'MACs':>18}")

@@ -1,15 +1,21 @@
-"""``test``: Caffe's ``caffe test`` -- the TEST phase of a train_val net over its val LMDB; top-1, top-5, loss.
+"""``test``: Caffe's ``caffe test`` -- the TEST phase of a train_val net over its val LMDB, every output blob.
 
-Without ``iterations`` every image of the val set is scored exactly once (DataFeed.epoch(); the last batch may
-be short, and each image weighs the same). Run under torchrun, each process scores a disjoint share and the
+caffe: tools/caffe.cpp test() -- each iteration runs the TEST net forward and logs ``Batch i, <output> = v`` for
+every output blob (those no layer consumes, in name order); at the end it prints ``Loss: <mean total weighted
+loss>`` and ``<output> = <mean>`` per output, with `` (* <loss_weight> = <weighted> loss)`` for losses.
+With ``iterations`` the means are over that many batches, as Caffe's. Without it (our extra) every image of the
+val set is scored exactly once (DataFeed.epoch(); the last batch may be short, and each batch weighs its number
+of images, so every image weighs the same). Run under torchrun, each process scores a disjoint share and the
 sums are all-reduced, so multi-process results equal single-process ones (no padding, no double counting).
-``ten_crop`` scores the 4 corner crops and the centre crop, each also mirrored, and averages the 10 softmax
-outputs (Caffe's python/caffe/classifier.py oversample, the seed's Torch ten-crop loader).
+``ten_crop`` (our extra) scores the 4 corner crops and the centre crop, each also mirrored, and averages the 10
+softmax outputs (Caffe's python/caffe/classifier.py oversample, the seed's Torch ten-crop loader); each Accuracy
+(top_k, ignore_label) and SoftmaxWithLoss output is then computed on the averaged probabilities.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import os
@@ -27,17 +33,6 @@ from resnet_imagenet.tools._flags import add_gpu_flag
 
 log = logging.getLogger(__name__)
 
-_CLASSIFIER_INPUTS = ("SoftmaxWithLoss", "Accuracy", "Softmax")
-
-
-def classifier_blob(net) -> str:
-    """The blob of class scores: the first bottom of the net's SoftmaxWithLoss (else Accuracy, else Softmax)."""
-    for kind in _CLASSIFIER_INPUTS:
-        for lp in net.layer_params:
-            if lp.type == kind:
-                return lp.bottom[0]
-    raise ValueError(f"net '{net.name}' has no SoftmaxWithLoss, Accuracy or Softmax layer to read class scores from")
-
 
 def _ten_crop_batches(images: Iterator, batch_size: int, crop: int, mean, scale: float) -> Iterator:
     """Single raw images (1, C, H, W) -> batches of (n, 10, C, crop, crop) crops and (n,) labels."""
@@ -52,29 +47,58 @@ def _ten_crop_batches(images: Iterator, batch_size: int, crop: int, mean, scale:
         yield torch.cat(xs), torch.cat(ys)
 
 
-class _Tally:
-    """Sums over scored images: correct@1, correct@5, summed loss, count (float64 for exact all-reduce)."""
+_FLT_MIN = torch.finfo(torch.float32).tiny
 
-    def __init__(self, device: torch.device):
-        self.t = torch.zeros(4, dtype=torch.float64, device=device)
 
-    def add(self, probs_or_logits: torch.Tensor, label: torch.Tensor, *, probs: bool) -> torch.Tensor:
-        k = min(5, probs_or_logits.shape[1])
-        top = probs_or_logits.topk(k, dim=1).indices
-        hit = top == label.view(-1, 1)
-        if probs:
-            loss = -torch.log(probs_or_logits.gather(1, label.view(-1, 1)).clamp_min(1e-38)).sum()
-        else:
-            loss = F.cross_entropy(probs_or_logits.float(), label, reduction="sum")  # caffe: SoftmaxWithLoss
-        n = torch.tensor(float(label.numel()), dtype=torch.float64, device=self.t.device)
-        b = torch.stack([hit[:, 0].sum().double(), hit.any(1).sum().double(), loss.detach().double(), n])
-        self.t += b
-        return b
+@dataclasses.dataclass
+class Scores:
+    """What ``caffe test`` prints: each output blob's mean (one entry per element, under the blob's name, as
+    Caffe prints a non-scalar output), the loss weights, the mean total weighted loss, and the images scored."""
 
-    @staticmethod
-    def summary(t: torch.Tensor) -> dict:
-        n = max(float(t[3]), 1.0)
-        return {"top-1": float(t[0]) / n, "top-5": float(t[1]) / n, "loss": float(t[2]) / n, "images": int(t[3])}
+    names: list[str]
+    means: list[float]
+    loss_weights: dict[str, float]
+    loss: float
+    images: int
+
+    def __getitem__(self, name: str) -> float:
+        """The mean of the (first element of the) output blob ``name``."""
+        return self.means[self.names.index(name)]
+
+    def lines(self) -> list[str]:
+        """caffe: tools/caffe.cpp test() -- ``Loss: L``, then ``name = mean`` per output entry, with
+        `` (* w = w*mean loss)`` for loss outputs (floats as C++ streams print them: 6 significant digits)."""
+        out = [f"Loss: {self.loss:.6g}"]
+        for name, m in zip(self.names, self.means):
+            w = self.loss_weights.get(name, 0.0)
+            out.append(f"{name} = {m:.6g}" + (f" (* {w:.6g} = {w * m:.6g} loss)" if w else ""))
+        return out
+
+
+class _Sums:
+    """Weighted sums of each output entry and of the total loss, over batches (float64, all-reduced as one)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.names, self.t = device, None, None
+
+    def add(self, names: list[str], values: torch.Tensor, weights: torch.Tensor, loss: float, n: int) -> None:
+        if self.names is None:
+            self.names = names
+            self.t = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=self.device)
+        elif names != self.names:
+            raise ValueError(f"the net's outputs changed size between batches ({len(self.names)} -> {len(names)} "
+                             "values); outputs that are not scalars need full batches: give --iterations")  # fmt: skip
+        k = len(names)
+        self.t[:k] += values.double() * weights
+        self.t[k : 2 * k] += weights
+        self.t[2 * k :] += torch.tensor([loss * n, n], dtype=torch.float64, device=self.device)
+
+
+def _entries(net, out: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Output entries in Caffe's order (net outputs sorted by name: Net::Init keeps them in a std::set)."""
+    names = sorted(b for b in net.output_names if b in out)
+    flats = [out[b].detach().double().flatten() for b in names]
+    return [b for b, f in zip(names, flats) for _ in range(f.numel())], torch.cat(flats)
 
 
 def evaluate(
@@ -86,14 +110,14 @@ def evaluate(
     ten_crop: bool = False,
     num_workers: int = 2,
     base_dir: str | os.PathLike | None = None,
-    on_batch: Callable[[int, dict], None] | None = None,
-) -> dict:
-    """Score the TEST phase of ``model`` with ``weights``; returns {"top-1", "top-5", "loss", "images"}.
+    on_batch: Callable[[int, list[tuple[str, float]]], None] | None = None,
+) -> Scores:
+    """Score the TEST phase of ``model`` with ``weights``: every output blob's mean and the total loss (Scores).
 
     ``gpu`` is train's ``--gpu`` (cpu, all, or ids: one per process under torchrun); None is the CPU, as
     ``caffe test`` without -gpu. Under torchrun this joins the process group (gloo on CPU, nccl on GPU) and
-    leaves it when done, unless the caller had started it. ``on_batch(i, metrics)`` is called on rank 0 after
-    each of its batches (``caffe test`` logs each batch).
+    leaves it when done, unless the caller had started it. ``on_batch(i, [(output, value), ...])`` is called on
+    rank 0 after each of its batches (``caffe test`` logs each batch).
     """
     from resnet_imagenet.train import dist as D
 
@@ -156,34 +180,75 @@ def _batches(layer, procs, iterations: int | None, ten_crop: bool, num_workers: 
     return feed, batches
 
 
-def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> dict:
-    from resnet_imagenet.net.net import load_net
+def _ten_crop_scores(net, lp_of: dict, x: torch.Tensor, label: torch.Tensor, inputs: tuple[str, str]):
+    """Accuracy and SoftmaxWithLoss outputs on the 10 crops' averaged softmax: (entries, values, weights)."""
+    n = len(label)
+    bottoms = sorted({lp.bottom[0] for lp in lp_of.values()})
+    out = net(**{inputs[0]: x.flatten(0, 1), inputs[1]: label.repeat_interleave(10)}, blobs=bottoms)
+    names, values, weights = sorted(lp_of), [], []
+    for name in names:
+        lp = lp_of[name]
+        probs = F.softmax(out[lp.bottom[0]].float().flatten(1), dim=1).view(n, 10, -1).mean(1)
+        p = lp.accuracy_param if lp.type == "Accuracy" else lp.loss_param
+        valid = label != p.ignore_label if p.HasField("ignore_label") else torch.ones_like(label, dtype=torch.bool)
+        true = probs.gather(1, torch.where(valid, label, 0).view(-1, 1))
+        if lp.type == "Accuracy":  # caffe: accuracy_layer.cpp -- fewer than top_k other scores reach the true one
+            per_image = (((probs >= true).sum(1) - 1) < p.top_k).double()
+        else:  # caffe: softmax_loss_layer.cpp -- -log(max(p, FLT_MIN))
+            per_image = -torch.log(true.squeeze(1).clamp_min(_FLT_MIN)).double()
+        count = valid.sum().double()
+        values.append((per_image * valid).sum() / count.clamp_min(1))
+        weights.append(count)
+    return names, torch.stack(values), torch.stack(weights)
 
-    net = load_net(model, weights=weights, phase="test").to(procs.device).eval()
-    layer = _test_feed_layer(net, model)
-    blob, data_name, label_name = classifier_blob(net), layer.top[0], layer.top[1]
+
+def _ten_crop_outputs(net, model) -> dict[str, caffe_pb2.LayerParameter]:
+    """Each output blob's Accuracy or SoftmaxWithLoss layer: what --ten-crop can score on averaged crops."""
+    lp_of = {}
+    for name in net.output_names:
+        lp = next((lp for lp in net.layer_params if name in lp.top), None)
+        if lp is None or lp.type not in ("Accuracy", "SoftmaxWithLoss") or lp.top[0] != name:
+            kind = "a data layer" if lp is None else f"a {lp.type} layer"
+            raise ValueError(f"{model}: --ten-crop scores Accuracy and SoftmaxWithLoss outputs; "
+                             f"output '{name}' is from {kind}")  # fmt: skip
+        lp_of[name] = lp
+    return lp_of
+
+
+def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> Scores:
+    from resnet_imagenet.train.setup import load_data_net
+
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    net = load_data_net(model, weights, "test", base).to(procs.device).eval()  # shapes from the first record
+    layer = _test_feed_layer(net, model)
+    inputs = (layer.top[0], layer.top[1])
     if ten_crop and not layer.transform_param.crop_size:
         raise ValueError(f"{model}: --ten-crop needs transform_param.crop_size in layer '{layer.name}'")
+    lp_of = _ten_crop_outputs(net, model) if ten_crop else {}
     feed, batches = _batches(layer, procs, iterations, ten_crop, num_workers, base)
-    tally = _Tally(procs.device)
+    sums = _Sums(procs.device)
     with torch.inference_mode():
         for i, (x, label) in enumerate(batches):
             n = len(label)
-            x = x.flatten(0, 1) if ten_crop else x  # (n, 10, C, c, c) -> (10n, C, c, c), crops of an image together
-            lab = label.repeat_interleave(10) if ten_crop else label
-            scores = net(**{data_name: x, label_name: lab}, blobs=[blob])[blob].float().flatten(1)
             if ten_crop:
-                b = tally.add(F.softmax(scores, dim=1).view(n, 10, -1).mean(1), label, probs=True)
+                names, values, w = _ten_crop_scores(net, lp_of, x, label, inputs)
             else:
-                b = tally.add(scores, label, probs=False)
+                out = net(**dict(zip(inputs, (x, label))))
+                names, values = _entries(net, out)
+                w = torch.full_like(values, float(n))  # each image weighs the same (a short last batch less)
+            loss = sum(net.loss_weights.get(b, 0.0) * float(v) for b, v in zip(names, values))
+            sums.add(names, values.to(procs.device), w.to(procs.device), loss, n)
             if procs.rank == 0 and on_batch is not None:
-                on_batch(i, _Tally.summary(b))
+                on_batch(i, list(zip(names, values.tolist())))
     feed.close()
-    total = tally.t
+    if sums.t is None:
+        raise ValueError(f"{model}: the TEST data of layer '{layer.name}' is empty")
+    total = sums.t
     if procs.world_size > 1:
         torch.distributed.all_reduce(total)  # sums over the disjoint shares: every image once
-    return _Tally.summary(total)
+    k = len(sums.names)
+    means = (total[:k] / total[k : 2 * k].clamp_min(1e-300)).tolist()
+    return Scores(sums.names, means, dict(net.loss_weights), float(total[-2] / total[-1]), int(total[-1]))
 
 
 # --- the command ---
@@ -208,8 +273,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _log_batch(i: int, m: dict) -> None:
-    log.info("Batch %d, top-1 = %.5g, top-5 = %.5g, loss = %.5g", i, m["top-1"], m["top-5"], m["loss"])
+def _log_batch(i: int, values: list[tuple[str, float]]) -> None:
+    """caffe: tools/caffe.cpp test() logs ``Batch i, name = value`` per output entry."""
+    for name, v in values:
+        log.info("Batch %d, %s = %.6g", i, name, v)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -223,8 +290,6 @@ def run(args: argparse.Namespace) -> int:
         on_batch=_log_batch,
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"images = {r['images']}{' (10 crops each)' if args.ten_crop else ''}")
-        print(f"top-1 = {r['top-1']:.5f}")
-        print(f"top-5 = {r['top-5']:.5f}")
-        print(f"loss = {r['loss']:.5f}")
+        log.info("Scored %d images%s", r.images, " (10 crops each)" if args.ten_crop else "")
+        print("\n".join(r.lines()))
     return 0

@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_gpu_flag(p, default="CPU")
     p.add_argument(
         "--phase",
+        type=str.lower,  # caffe: -phase TRAIN
         default=defaults["phase"],
         choices=["train", "test"],
         help=f"default {defaults['phase']}, as caffe time",
@@ -33,5 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     device = one_device(args.gpu)
-    time_net(args.model, iterations=args.iterations, device=device, phase=args.phase, batch=args.batch)
+    from resnet_imagenet.data.shapes import data_input_shapes
+    from resnet_imagenet.net.phase import filter_net
+    from resnet_imagenet.proto.text import parse_phase, read_net
+
+    # caffe: a data layer's top shape comes from its first record (where the source is here)
+    layers = filter_net(read_net(args.model), parse_phase(args.phase)).layer
+    shapes = data_input_shapes(layers, missing_ok=True)
+    time_net(args.model, iterations=args.iterations, device=device, phase=args.phase, batch=args.batch,
+             input_shapes=shapes)  # fmt: skip
     return 0

@@ -8,10 +8,11 @@ import os
 import torch
 
 from resnet_imagenet.data.feed import DataFeed
-from resnet_imagenet.net.net import CaffeNet
+from resnet_imagenet.data.shapes import data_input_shapes
+from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
-from resnet_imagenet.proto.text import TEST, TRAIN, read_net, read_solver
+from resnet_imagenet.proto.text import TEST, TRAIN, parse_phase, read_net, read_solver, upgrade_net
 from resnet_imagenet.solver.solver import Learnable, check_solver
 from resnet_imagenet.train.dist import convert_sync_batchnorm
 
@@ -62,6 +63,23 @@ def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, 
     return train, out
 
 
+def load_data_net(
+    model: str | os.PathLike | caffe_pb2.NetParameter,
+    weights: str | os.PathLike | None = None,
+    phase: str | int = "test",
+    base_dir: str | os.PathLike | None = None,
+    level: int = 0,
+    stages: tuple[str, ...] = (),
+) -> CaffeNet:
+    """net.load_net for a net whose Data / ImageData layers are read: their top shapes come from the first
+    record (data/shapes.py, as Caffe's DataLayerSetUp), with paths from ``base_dir`` (default: the cwd)."""
+    ph = parse_phase(phase)
+    net_param = read_net(model) if not isinstance(model, caffe_pb2.NetParameter) else model
+    upgrade_net(net_param)
+    shapes = data_input_shapes(filter_net(net_param, ph, level, stages).layer, base_dir)
+    return load_net(net_param, weights, ph, level, stages, input_shapes=shapes)
+
+
 def build_nets(
     train_param: caffe_pb2.NetParameter,
     test_params: list[caffe_pb2.NetParameter],
@@ -76,10 +94,11 @@ def build_nets(
 
     ``weights`` (comma-separated .caffemodels) fine-tunes both; ``resume`` is a snapshot's caffemodel.
     """
-    net = CaffeNet(train_param, TRAIN)
+    # caffe: a data layer's top shape comes from its first record (data/shapes.py)
+    net = CaffeNet(train_param, TRAIN, input_shapes=data_input_shapes(train_param.layer))
     if not net.loss_weights:
         raise ValueError("the TRAIN net has no loss (no *Loss layer or loss_weight)")
-    test_nets = [CaffeNet(tp, TEST) for tp in test_params]
+    test_nets = [CaffeNet(tp, TEST, input_shapes=data_input_shapes(tp.layer)) for tp in test_params]
     if weights:
         net.load_caffemodel(weights)
     if isinstance(resume, caffe_pb2.NetParameter):  # Caffe's HDF5 weights, read already
