@@ -60,7 +60,9 @@ def skip_unless_registered(net: caffe_pb2.NetParameter) -> None:
         pytest.skip(f"needs layer {', '.join(missing)} (issue 11, in progress)")
 
 
-def train_one_step(net_param: caffe_pb2.NetParameter, tmp: Path, caplog, test_iter: int = 1) -> float:
+def train_one_step(
+    net_param: caffe_pb2.NetParameter, tmp: Path, caplog, test_iter: int = 1, test_stages: tuple[str, ...] = ()
+) -> float:
     """Train ``net_param`` one SGD step with a TEST pass; returns the iteration-0 loss (checked finite)."""
     solver = caffe_pb2.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, max_iter=1, display=1,
                                        snapshot_prefix=str(tmp / "snap/x"), random_seed=1)  # fmt: skip
@@ -68,6 +70,8 @@ def train_one_step(net_param: caffe_pb2.NetParameter, tmp: Path, caplog, test_it
     if any(r.phase == caffe_pb2.TEST for lp in net_param.layer for r in lp.include):
         solver.test_iter.append(test_iter)
         solver.test_interval = 1
+        if test_stages:  # as the example's own solver: test_state { stage: ... }
+            solver.test_state.add().stage.extend(test_stages)
     (tmp / "solver.prototxt").write_text(to_text(solver))
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -112,6 +116,10 @@ EXAMPLES = {
 }  # fmt: skip
 
 
+# the TEST stage the example's own solver selects (mnist_autoencoder_solver.prototxt: test-on-test is one of two)
+TEST_STAGES = {"mnist_autoencoder": ("test-on-test",)}
+
+
 @pytest.mark.parametrize("name", list(EXAMPLES))
 def test_example_builds_and_trains_a_step(name, bvlc_dir, tmp_path, monkeypatch, caplog) -> None:
     path, make, shapes = EXAMPLES[name]
@@ -119,11 +127,12 @@ def test_example_builds_and_trains_a_step(name, bvlc_dir, tmp_path, monkeypatch,
     skip_unless_registered(net)
     make(tmp_path)
     monkeypatch.chdir(tmp_path)  # the prototxt's relative sources resolve from the cwd, as in Caffe
+    stages = TEST_STAGES.get(name, ())
     for phase, shape in zip(("train", "test"), shapes):
-        built = load_data_net(bvlc_dir / path, phase=phase)
+        built = load_data_net(bvlc_dir / path, phase=phase, stages=stages if phase == "test" else ())
         # caffe: the top shape comes from the first Datum: channels too (MNIST is gray, no force_gray)
         assert built.input_shapes[built.data_layers[0].top[0]] == shape
-    train_one_step(net, tmp_path, caplog)
+    train_one_step(net, tmp_path, caplog, test_stages=stages)
 
 
 def test_hdf5_classification(bvlc_dir, tmp_path, monkeypatch, caplog) -> None:

@@ -129,7 +129,11 @@ def test_single_dash_flags_for_every_tool() -> None:
 def test_caffe_spelling_of_train_time_and_compute_image_mean(project, capsys) -> None:
     assert cli.main(["train", "-solver", "solver.prototxt", "-weights", "w.caffemodel", "-gpu", "cpu",
                      "-workers", "0", "-sigint_effect", "stop"]) == 0  # fmt: skip
-    assert sorted(p.name for p in Path("snap").iterdir()) == ["t_iter_1.caffemodel", "t_iter_1.solverstate"]
+    assert sorted(p.name for p in Path("snap").iterdir()) == [
+        "t_iter_1.caffemodel",
+        "t_iter_1.solverstate",
+        "t_iter_1.solverstate.resnet_imagenet.pt",
+    ]
     assert cli.main(["time", "-model", "net.prototxt", "-iterations=1", "-phase", "TEST", "-batch", "2"]) == 0
     assert cli.main(["compute_image_mean", "-backend", "lmdb", "val_lmdb", "mean.binaryproto", "-no-progress"]) == 0
     assert Path("mean.binaryproto").is_file()

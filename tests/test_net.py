@@ -239,3 +239,24 @@ def test_batchnorm_scale_fusion_needs_the_scale_to_be_the_only_reader(bn_top, sc
     x = torch.randn(2, 2, 3, 3)
     bn, sc = net.layers["bn"], net.layers["sc"]
     torch.testing.assert_close(net(x)[scale_top], sc(bn(net.layers["conv"](x))))
+
+
+def test_a_repeated_layer_name_is_kept_apart_unless_the_layer_has_blobs(caplog):
+    # caffe accepts repeated layer names (BVLC's mnist_autoencoder has two layers "loss")
+    text = (
+        'layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } } '
+        'layer { name: "a" type: "ReLU" bottom: "x" top: "r" } '
+        'layer { name: "a" type: "Sigmoid" bottom: "x" top: "s" }'
+    )
+    net = CaffeNet(parse_text(text, caffe_pb2.NetParameter()))
+    x = torch.tensor([[-1.0, 0.0, 2.0], [3.0, -4.0, 0.5]])
+    out = net(x)
+    assert torch.equal(out["r"], x.clamp(min=0)) and torch.allclose(out["s"], 1 / (1 + torch.exp(-x)))
+    assert "layer 'a': the name is used before; this one is called 'a#1' here" in caplog.text
+    with pytest.raises(PrototxtError, match="layer 'a': duplicate name on a layer with learnable blobs"):
+        CaffeNet(
+            parse_text(
+                text.replace('type: "Sigmoid"', 'type: "InnerProduct" inner_product_param { num_output: 1 }'),
+                caffe_pb2.NetParameter(),
+            )
+        )

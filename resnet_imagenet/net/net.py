@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 
@@ -15,6 +16,8 @@ from resnet_imagenet.net.weights import copy_trained_layers, layer_blobs, read_c
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net, upgrade_net
 from resnet_imagenet.util.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
@@ -70,9 +73,9 @@ class CaffeNet(nn.Module):
         self.loss_weights: dict[str, float] = {}
         self.blob_shapes: dict[str, tuple[int, ...]] = {}
         available: list[str] = []  # blobs written and not yet read
+        self._renamed: set[str] = set()  # layers renamed NAME#k for a repeated name
         for lp in net_param.layer:
-            if lp.name in self.layers or any(d.name == lp.name for d in self.data_layers):
-                raise PrototxtError(f"layer '{lp.name}': duplicate layer name")
+            lp = self._unique_name(lp)
             for b in lp.bottom:
                 if b not in self.blob_shapes:
                     raise PrototxtError(f"layer '{lp.name}': unknown bottom blob '{b}'")
@@ -93,6 +96,23 @@ class CaffeNet(nn.Module):
         self.train(phase == caffe_pb2.TRAIN)
         self._legacy: set[tuple[str, int]] = set()
 
+    def _unique_name(self, lp: caffe_pb2.LayerParameter) -> caffe_pb2.LayerParameter:
+        """``lp``, or a copy named ``NAME#k`` when NAME is taken: Caffe accepts repeated layer names (BVLC's
+        mnist_autoencoder has two layers "loss"), but a repeated name on a layer with blobs would make the
+        by-name weight matching ambiguous, so that is refused (_add_layer)."""
+        taken = set(self.layers) | {d.name for d in self.data_layers}
+        if lp.name not in taken:
+            return lp
+        k = 1
+        while f"{lp.name}#{k}" in taken:
+            k += 1
+        dup = caffe_pb2.LayerParameter()
+        dup.CopyFrom(lp)
+        dup.name = f"{lp.name}#{k}"
+        self._renamed.add(dup.name)
+        log.warning("layer '%s': the name is used before; this one is called '%s' here", lp.name, dup.name)
+        return dup
+
     def _add_data_layer(self, lp: caffe_pb2.LayerParameter, given: dict[str, Sequence[int]]) -> list[tuple[int, ...]]:
         """Record a data layer: its tops are the net's inputs, shaped as ``given`` or as the layer says."""
         tops = list(lp.top)
@@ -106,6 +126,8 @@ class CaffeNet(nn.Module):
     def _add_layer(self, lp: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
         """Build a (non-data) layer on the shapes of its bottoms; returns its top shapes."""
         module = L.build_layer(lp, [self.blob_shapes[b] for b in lp.bottom])
+        if lp.name in self._renamed and any(True for _ in module.parameters()):
+            raise PrototxtError(f"layer '{lp.name.split('#')[0]}': duplicate name on a layer with learnable blobs")
         top_shapes = [tuple(s) for s in module.top_shapes()]
         if len(top_shapes) != len(lp.top):
             raise PrototxtError(f"layer '{lp.name}' ({lp.type}): needs {len(top_shapes)} tops")

@@ -140,13 +140,14 @@ def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
 class Feeds:
     """The DataFeeds of one net, one per data layer, each with the tops it fills; saves and restores its positions."""
 
-    def __init__(self, feeds: list[tuple[DataFeed, list[str]]]):
+    def __init__(self, feeds: list[tuple[DataFeed, list[str]]], self_fed: int = 0):
         self.feeds = feeds
+        self.self_fed = self_fed  # items per batch of layers that make their own tops (HDF5Data, DummyData)
 
     @property
     def batch_size(self) -> int:
         """Images per batch, over all the net's data layers."""
-        return sum(f.batch_size for f, _ in self.feeds)
+        return sum(f.batch_size for f, _ in self.feeds) + self.self_fed
 
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch of every feed, by top name (data, and label when the layer has a second top)."""
@@ -202,9 +203,13 @@ def build_feeds(
             order=order,
         )
         out.append((feed, list(lp.top)))
-    if not out:
-        raise ValueError(f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no Data or ImageData layer")
-    return Feeds(out)
+    # HDF5Data / DummyData fill their own tops at each forward (net/layers/data.py): no DataFeed for them
+    self_fed = [lp for lp in net.layer_params if getattr(net.layers[lp.name], "feeds_itself", False)]
+    if not out and not self_fed:
+        raise ValueError(
+            f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no data layer (Data, ImageData, HDF5Data)"
+        )
+    return Feeds(out, sum(net.blob_shapes[lp.top[0]][0] for lp in self_fed if lp.top))
 
 
 def learnables(net: CaffeNet) -> list[Learnable]:
