@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return train(opts)
     except TrainingDiverged as e:
-        error_line(f"resnet-imagenet train: error: {e}")
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops alike, with the same message: print it once
+            error_line(f"resnet-imagenet train: error: {e}")
         return 3
     except SnapshotError as e:
         error_line(f"resnet-imagenet train: error: {e}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ from resnet_imagenet.proto.text import TEST, TRAIN, to_text
 from resnet_imagenet.solver.solver import CaffeSolver
 from resnet_imagenet.train import dist as D
 from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
+from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged, capped_counts
 from resnet_imagenet.train.options import TrainOptions
 from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
 from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
@@ -42,8 +42,7 @@ from resnet_imagenet.train.testpass import test_all
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the iteration and the last good snapshot."""
+__all__ = ["Trainer", "TrainOptions", "TrainingDiverged", "load_rank_state", "train"]
 
 
 class Trainer:
@@ -83,6 +82,7 @@ class Trainer:
         self.model = self.net if opts.check else D.parallel(self.net, P)
         self.iter = 0
         self.loss = SmoothedLoss(sp.average_loss)
+        self.guard = DivergenceGuard()
         self.display = Display(self.net, sp.display, sp.max_iter, self.feeds.batch_size * sp.iter_size * P.world_size)
         self.last_snapshot: str | None = opts.snapshot  # the last snapshot written or resumed from
         self.snapshot_iter = -1  # the iteration of the last snapshot written (or resumed from)
@@ -167,8 +167,7 @@ class Trainer:
         error = None
         if self.procs.rank == 0:
             try:
-                _, state_path = save_snapshot(self.net, self.state_dict(per_rank), self.prefix, self.iter)
-                self.last_snapshot = str(state_path)
+                save_snapshot(self.net, self.state_dict(per_rank), self.prefix, self.iter)
             except Exception as e:  # anything: the other ranks must hear of it, not wait at the next collective
                 error = e
         # every rank learns whether rank 0 wrote it, so all stop together instead of blocking
@@ -179,6 +178,8 @@ class Trainer:
             raise SnapshotError(
                 f"snapshot {model_path} failed: {error}; stopping; last good snapshot: {self.last_snapshot or 'none'}"
             ) from error
+        # every rank knows the path rank 0 wrote (the names are the iteration's), so any rank's message names it
+        self.last_snapshot = str(snapshot_paths(self.prefix, self.iter)[1])
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -193,10 +194,13 @@ class Trainer:
         test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.pending == STOP)
 
     def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """iter_size passes whose gradients accumulate (DDP syncs on the last). Returns (mean loss [1], outputs)."""
+        """iter_size passes whose gradients accumulate (DDP syncs on the last).
+
+        Returns ([mean loss, items at the loss cap, loss items], outputs)."""
         iter_size, P = self.sp.iter_size, self.procs
         self.net.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=P.device)
+        capped = torch.zeros(2, device=P.device)
         for k in range(iter_size):
             sync = k == iter_size - 1 or not P.distributed
             with self.model.no_sync() if not sync else contextlib.nullcontext():
@@ -206,17 +210,12 @@ class Trainer:
                 if loss.requires_grad:
                     (self.prec.scaler.scale(loss) if self.prec.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        return loss_sum.reshape(1) / iter_size, out
+            capped += capped_counts(self.net, P.device)
+        return torch.cat([loss_sum.reshape(1) / iter_size, capped]), out
 
-    def _update_loss(self, loss: float) -> None:
-        """caffe: UpdateSmoothedLoss; a NaN or inf loss stops training instead (TrainingDiverged)."""
-        if not math.isfinite(loss):
-            msg = (
-                f"Iteration {self.iter}, loss = {g(loss)}: the loss is not finite, stopping; "
-                f"last good snapshot: {self.last_snapshot or 'none'}"
-            )
-            log.error(msg)
-            raise TrainingDiverged(msg)
+    def _update_loss(self, loss: float, capped: float, count: float) -> None:
+        """caffe: UpdateSmoothedLoss; a NaN, inf or stuck loss stops training instead (guard.py, TrainingDiverged)."""
+        self.guard.check(self.iter, loss, capped, count, self.last_snapshot, self.procs.rank)
         self.loss.update(loss, self.iter)
 
     def step(self) -> None:
@@ -235,7 +234,8 @@ class Trainer:
                 vec, counts = flat_outputs(self.net, out)
                 parts.append(vec)
             red = self._reduce(torch.cat([p.float() for p in parts]))
-            self._update_loss(red[0] / P.world_size)
+            self._update_loss(red[0] / P.world_size, red[1], red[2])
+            red = red[:1] + red[3:]  # [loss, snapshot, stop, outputs...]
             if display:
                 self.display.log(self.iter, self.loss.smoothed, [v / P.world_size for v in red[3:]], counts)
             self.solver.apply_update(self.iter, self.prec.scaler, display=display)

@@ -1,0 +1,102 @@
+"""Training faults with real processes and signals: a loss stuck at the cap, SIGTERM, a dead launcher, NaN on
+two ranks, absurd sizes, bad records, a frozen peer."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from resnet_imagenet.cli import main as cli_main
+from resnet_imagenet.data.datum import encode_datum
+
+REPO = Path(__file__).resolve().parents[1]
+
+NET = """
+name: "tiny"
+layer { name: "data" type: "Data" top: "data" top: "label" include { phase: TRAIN }
+  transform_param { crop_size: 8 mean_value: 128 scale: 0.0078125 }
+  data_param { source: "train_lmdb" batch_size: 8 backend: LMDB } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "conv1" }
+layer { name: "fc" type: "InnerProduct" bottom: "conv1" top: "fc"
+  inner_product_param { num_output: %(classes)s weight_filler { type: "gaussian" std: %(std)s } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+SOLVER = """net: "net.prototxt"
+base_lr: %(lr)s
+lr_policy: "fixed"
+momentum: 0.9
+max_iter: %(max_iter)d
+display: 1
+snapshot: %(snapshot)d
+snapshot_prefix: "snap/tiny"
+random_seed: 7
+"""
+
+
+def write_lmdb(path: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    env = lmdb.open(str(path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            img = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            txn.put(f"{i:08d}".encode(), encode_datum(img, i % classes))
+    env.close()
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    """A project folder (cwd) with a 10-class train LMDB; returns a writer of net + solver."""
+    write_lmdb(tmp_path / "train_lmdb", 64)
+    monkeypatch.chdir(tmp_path)
+
+    def write(lr="0.01", max_iter=20, snapshot=0, std="0.1", classes="10") -> str:
+        (tmp_path / "net.prototxt").write_text(NET % {"std": std, "classes": classes})
+        (tmp_path / "solver.prototxt").write_text(SOLVER % {"lr": lr, "max_iter": max_iter, "snapshot": snapshot})
+        return "solver.prototxt"
+
+    return write
+
+
+def env(**kw: str) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **kw)
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "resnet_imagenet", "train", "--gpu", f"cpu:{nproc}", "--workers", "0", *args]  # fmt: skip
+
+
+def errors(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("resnet-imagenet train: error:")]
+
+
+# -- 1. a loss stuck at the cap ----------------------------------------------------------------------
+
+
+def test_loss_stuck_at_the_cap_stops_training(tiny, capsys):
+    """Exploded but finite logits (fc std 1e4, lr 0): ~90% of the items sit at 87.3365 -> stop at iteration 9."""
+    solver = tiny(lr="0", std="1e4", max_iter=100, snapshot=5)
+    assert cli_main(["train", "--solver", solver, "--workers", "0"]) == 3
+    err = errors(capsys.readouterr().err)
+    assert len(err) == 1, err
+    assert re.match(
+        r"resnet-imagenet train: error: Iteration 9, loss = [0-9.]+: at least 50% of the loss items at the cap "
+        r"-log\(FLT_MIN\) = 87.3365 for 10 iterations: the logits diverged, stopping; "
+        r"last good snapshot: snap/tiny_iter_5.solverstate$",
+        err[0],
+    ), err
+    loss = float(re.search(r"loss = ([0-9.]+)", err[0]).group(1))
+    assert 60 < loss <= 87.3366  # Caffe's value: nothing cancels to ~0
+
+
+def test_healthy_loss_is_not_stuck(tiny, capsys):
+    assert cli_main(["train", "--solver", tiny(max_iter=12), "--workers", "0"]) == 0
