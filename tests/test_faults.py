@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -100,3 +103,106 @@ def test_loss_stuck_at_the_cap_stops_training(tiny, capsys):
 
 def test_healthy_loss_is_not_stuck(tiny, capsys):
     assert cli_main(["train", "--solver", tiny(max_iter=12), "--workers", "0"]) == 0
+
+
+# -- 9. SIGTERM, a dead launcher ------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_and_wait_for(cmd: list[str], cwd: Path, text: str, **kw) -> tuple[subprocess.Popen, list[str]]:
+    """Start ``cmd`` and read its stderr until a line contains ``text``."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(**kw), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return proc, seen
+    proc.kill()
+    raise AssertionError("".join(seen[-30:]))
+
+
+def stop_iters(folder: Path = Path("snap")) -> list[int]:
+    return sorted(int(p.stem.rsplit("_", 1)[1]) for p in folder.glob("*.solverstate"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("effect", ["stop", "snapshot", "none"])
+def test_sigterm_effect(tiny, tmp_path, effect):
+    """SIGTERM: stop = snapshot and exit 0; snapshot = snapshot and go on; none = ignored. (A second SIGTERM-free
+    way out is SIGINT, sent after the effect is seen.)"""
+    tiny(max_iter=100000)
+    cmd = [sys.executable, "-m", "resnet_imagenet", "train", "--solver", "solver.prototxt", "--workers", "0"]
+    proc, seen = start_and_wait_for([*cmd, "--sigterm-effect", effect], tmp_path, "Iteration 3 (")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        if effect != "stop":
+            for line in proc.stderr:  # it goes on: 30 more iterations, then Ctrl-C
+                seen.append(line)
+                m = re.search(r"Iteration (\d+) \(", line)
+                if m and int(m.group(1)) > 40:
+                    break
+            proc.send_signal(signal.SIGINT)
+        seen += proc.stderr.readlines()
+        assert proc.wait(timeout=30) == 0, "".join(seen[-20:])
+        assert effect != "stop" or time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
+    text = "".join(seen)
+    assert "Optimization stopped early." in text
+    iters = stop_iters()
+    assert len(iters) == (2 if effect == "snapshot" else 1), iters
+    assert (iters[0] < 20) == (effect != "none")  # the SIGTERM's snapshot, at once (not after 40 iterations)
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_snapshots_and_kill9_of_torchrun_stops_the_trainers(tiny, tmp_path):
+    tiny(max_iter=100000)
+    # SIGTERM to torchrun: it passes it on, both trainers stop at the same iteration, rank 0 snapshots
+    proc, seen = start_and_wait_for(torchrun_cmd(2, "--solver", "solver.prototxt"), tmp_path, "Iteration 3 (")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        seen += proc.stderr.readlines()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert "".join(seen).count("Optimization stopped early.") == 1, "".join(seen[-20:])
+    (first,) = stop_iters()
+    # kill -9 of torchrun: the trainers notice their launcher is gone, snapshot and stop
+    proc, seen = start_and_wait_for(torchrun_cmd(2, "--solver", "solver.prototxt"), tmp_path, "Iteration 3 (")
+    try:
+        trainers = children(proc.pid)
+        assert len(trainers) == 2
+        proc.kill()
+        t0 = time.monotonic()
+        seen += proc.stderr.readlines()  # EOF: every trainer has closed its stderr (exited)
+        while any(alive(p) for p in trainers) and time.monotonic() - t0 < 20:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in trainers) and time.monotonic() - t0 < 20
+    finally:
+        for p in children(proc.pid) + trainers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+    text = "".join(seen)
+    assert "the launcher (pid %d) is gone: stopping" % proc.pid in text, text[-3000:]
+    assert "Optimization stopped early." in text
+    assert len(stop_iters()) == 2 and stop_iters()[0] == first

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=d["workers"],
         help="data loader processes per training process (default: from CPU count)",
     )
-    for sig in ("sigint", "sighup"):
+    for sig in ("sigint", "sighup", "sigterm"):
         default = d[f"{sig}_effect"]
         a(f"--{sig}-effect", default=default, choices=list(EFFECTS), help=f"default: {default}")
     a(

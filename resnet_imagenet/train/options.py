@@ -23,4 +23,5 @@ class TrainOptions:
     workers: int | None = None  # data loader processes per training process; None: from the CPU count
     sigint_effect: str = "stop"  # caffe: -sigint_effect (stop, snapshot or none)
     sighup_effect: str = "snapshot"  # caffe: -sighup_effect
+    sigterm_effect: str = "stop"  # SIGTERM (a scheduler's preemption): like Caffe's -sigint_effect
     check: bool = False  # validate everything, then exit before training

@@ -27,7 +27,7 @@ from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g
 from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged, capped_counts
 from resnet_imagenet.train.options import TrainOptions
 from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
-from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
+from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals, launcher_pid
 from resnet_imagenet.train.snapshot import (
     SnapshotError,
     load_solverstate,
@@ -191,7 +191,7 @@ class Trainer:
 
     def _test_all(self) -> None:
         """Rank 0 scores every TEST net (testpass.test_all); a STOP signal interrupts."""
-        test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.pending == STOP)
+        test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.peek() == STOP)
 
     def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """iter_size passes whose gradients accumulate (DDP syncs on the last).
@@ -272,7 +272,8 @@ class Trainer:
         self._log_setup()
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", sp.lr_policy)
-        with Signals(self.opts.sigint_effect, self.opts.sighup_effect) as self.signals:
+        opts = self.opts
+        with Signals(opts.sigint_effect, opts.sighup_effect, opts.sigterm_effect, launcher_pid()) as self.signals:
             self.step()
             if sp.snapshot_after_train and self.snapshot_iter != self.iter:
                 self.snapshot()
