@@ -203,6 +203,6 @@ def test_torchrun_sigterm_snapshots_and_kill9_of_torchrun_stops_the_trainers(tin
             if alive(p):
                 os.kill(p, signal.SIGKILL)
     text = "".join(seen)
-    assert "the launcher (pid %d) is gone: stopping" % proc.pid in text, text[-3000:]
+    assert f"the launcher (pid {proc.pid}) is gone: stopping" in text, text[-3000:]
     assert "Optimization stopped early." in text
     assert len(stop_iters()) == 2 and stop_iters()[0] == first
