@@ -206,3 +206,20 @@ def test_torchrun_sigterm_snapshots_and_kill9_of_torchrun_stops_the_trainers(tin
     assert f"the launcher (pid {proc.pid}) is gone: stopping" in text, text[-3000:]
     assert "Optimization stopped early." in text
     assert len(stop_iters()) == 2 and stop_iters()[0] == first
+
+
+# -- 5. NaN on two ranks: one message, naming the last good snapshot ----------------------------------
+
+
+@pytest.mark.slow
+def test_nan_on_two_ranks_is_one_message_naming_the_last_snapshot(tiny, tmp_path):
+    tiny(lr="1e30", max_iter=20, snapshot=1)
+    r = subprocess.run(torchrun_cmd(2, "--solver", "solver.prototxt"), cwd=tmp_path, env=env(),
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0
+    err = errors(r.stderr)
+    assert len(err) == 1, r.stderr[-3000:]
+    m = re.search(r"Iteration (\d+), loss = (nan|inf|-inf): .*last good snapshot: (\S+)$", err[0])
+    assert m, err
+    assert m.group(3) == f"snap/tiny_iter_{m.group(1)}.solverstate" and Path(m.group(3)).is_file()
+    assert "last good snapshot: none" not in r.stderr
