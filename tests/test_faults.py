@@ -223,3 +223,28 @@ def test_nan_on_two_ranks_is_one_message_naming_the_last_snapshot(tiny, tmp_path
     assert m, err
     assert m.group(3) == f"snap/tiny_iter_{m.group(1)}.solverstate" and Path(m.group(3)).is_file()
     assert "last good snapshot: none" not in r.stderr
+
+
+# -- 8. absurd sizes are refused before anything is allocated ----------------------------------------
+
+
+def test_absurd_num_output_is_refused_in_one_line_before_allocating(tiny, capsys):
+    solver = tiny(classes="2000000000")  # 2e9 x 144 weights: 1.2 TB in fp32
+    t0 = time.monotonic()
+    assert cli_main(["train", "--solver", solver, "--workers", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert re.match(
+        r"resnet-imagenet train: error: net 'tiny' needs about [0-9.e+]+ GB \(2\.9e\+11 parameters, .*"
+        r"the largest layer 'fc' has 2\.9e\+11 parameters\), more than the [0-9.e+]+ GB of this machine's memory",
+        err[0],
+    ), err
+    assert time.monotonic() - t0 < 20
+    assert not Path("snap").exists()
+
+
+def test_max_memory_flag_sets_the_limit(tiny, capsys):
+    solver = tiny(classes="100000")  # 14.4e6 fc weights: 4 x 4 x 14.4e6 bytes = 0.21 GiB with history
+    assert cli_main(["train", "--solver", solver, "--workers", "0", "--check", "--max-memory", "0.1"]) == 1
+    assert "more than the 0.1 GB of --max-memory" in capsys.readouterr().err
+    assert cli_main(["train", "--solver", solver, "--workers", "0", "--check", "--max-memory", "1"]) == 0

@@ -48,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default = d[f"{sig}_effect"]
         a(f"--{sig}-effect", default=default, choices=list(EFFECTS), help=f"default: {default}")
     a(
+        "--max-memory",
+        dest="max_memory_gb",
+        type=float,
+        default=d["max_memory_gb"],
+        metavar="GB",
+        help="refuse a net needing more memory than this (default: the GPU's, or this machine's; 0: no check)",
+    )
+    a(
         "--check",
         action="store_true",
         default=d["check"],

@@ -7,6 +7,7 @@ import os
 import torch
 
 from resnet_imagenet.data.feed import DataFeed
+from resnet_imagenet.net.cost import GB, check_footprint, machine_memory
 from resnet_imagenet.net.net import CaffeNet
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
@@ -56,6 +57,17 @@ def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, 
         st = sp.test_state[i] if sp.test_state else caffe_pb2.NetState()
         out.append(filter_net(t, TEST, st.level, tuple(st.stage)))
     return train, out
+
+
+def check_memory(nets: list[tuple[caffe_pb2.NetParameter, int]], gpu: int | None, max_gb: float | None) -> None:
+    """Refuse, in one line and before anything is allocated, a net that needs more memory than the limit:
+    ``max_gb`` (0: no check), by default the memory of GPU ``gpu`` (None: of this machine)."""
+    if max_gb == 0:
+        return
+    limit = int(max_gb * GB) if max_gb is not None else machine_memory(gpu)
+    where = "--max-memory" if max_gb is not None else (f"GPU {gpu}" if gpu is not None else "this machine's memory")
+    for param, phase in nets:
+        check_footprint(param, phase, limit, where)
 
 
 def build_nets(

@@ -26,7 +26,15 @@ from resnet_imagenet.train import dist as D
 from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
 from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged, capped_counts
 from resnet_imagenet.train.options import TrainOptions
-from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
+from resnet_imagenet.train.setup import (
+    Feeds,
+    build_feeds,
+    build_nets,
+    check_memory,
+    learnables,
+    load_solver,
+    solver_nets,
+)
 from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals, launcher_pid
 from resnet_imagenet.train.snapshot import (
     SnapshotError,
@@ -65,6 +73,8 @@ class Trainer:
         torch.manual_seed(self.seed)  # caffe: Caffe::set_random_seed -- the same initial weights everywhere
         train_param, test_params = solver_nets(sp)
         self.net_params = [train_param] + test_params
+        gpu = P.gpu_ids[P.local_rank] if P.gpu_ids else None
+        check_memory([(train_param, TRAIN)] + [(t, TEST) for t in test_params], gpu, opts.max_memory_gb)
         self.net, self.test_nets = build_nets(
             train_param,
             test_params if P.rank == 0 else [],
