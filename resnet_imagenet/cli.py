@@ -16,6 +16,7 @@ import sys
 from resnet_imagenet._version import __version__
 from resnet_imagenet.tools import COMMANDS
 from resnet_imagenet.util.glog import error_line, setup_logging
+from resnet_imagenet.util.interrupt import Interrupted
 
 log = logging.getLogger("resnet_imagenet")
 
@@ -90,5 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("failed")
         error_line(f"resnet-imagenet {args.command}: error: {e}")
         return 1
+    except Interrupted as e:  # SIGINT / SIGTERM where a command cleans up (util/interrupt.py): one line
+        error_line(f"resnet-imagenet {args.command}: {e}")
+        return e.code
     except KeyboardInterrupt:
         return 130

@@ -29,6 +29,7 @@ from resnet_imagenet.data.db import MAX_KEY, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
 from resnet_imagenet.data.pool import default_jobs, run_ordered
 from resnet_imagenet.util.atomic import atomic_write_text
+from resnet_imagenet.util.interrupt import Interrupted, interruptible
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,15 @@ def _meta(summary: Summary, opts: ConvertOptions, extra: dict | None) -> str:
     return json.dumps(info, indent=1) + "\n"
 
 
+def _write(out, tasks: Iterable[Task], opts, summary: Summary, keys, jobs: int | None, bar: tqdm) -> None:
+    """The records of ``tasks`` into the open writer ``out``, decoded on ``jobs`` processes."""
+    try:
+        for key, datum in _records(run_ordered(work, tasks, jobs or default_jobs()), opts, summary, keys, bar):
+            out.put(key, datum)
+    finally:
+        bar.close()
+
+
 def build_db(
     tasks: Iterable[Task],
     db: str | os.PathLike,
@@ -211,14 +221,17 @@ def build_db(
     for f, reason in summary.skipped:
         log.warning("%s: skipped: %s", f, reason)
     t0 = time.time()
-    with create_lmdb(db, append=keys is None, map_size=map_size) as out:
-        bar = tqdm(total=total, unit="img", disable=not progress, desc=db.name, smoothing=0.05)
-        results = run_ordered(work, tasks, jobs or default_jobs())
-        for key, datum in _records(results, opts, summary, keys, bar):
-            out.put(key, datum)
-        bar.close()
-        _check(db, summary, strict)
-        atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
+    try:
+        # SIGINT / SIGTERM raise Interrupted: the workers are killed, the temporary DB removed (create_lmdb)
+        with interruptible(), create_lmdb(db, append=keys is None, map_size=map_size) as out:
+            _write(out, tasks, opts, summary, keys, jobs, tqdm(total=total, unit="img", disable=not progress,
+                                                               desc=db.name, smoothing=0.05))  # fmt: skip
+            _check(db, summary, strict)
+            atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
+    except Interrupted as e:
+        raise e.with_message(
+            f"{db} not written ({summary.written} records were; the temporary DB is removed)"
+        ) from None
     summary.seconds = time.time() - t0
     log.info("%s: %s", db, summary.report())
     return summary

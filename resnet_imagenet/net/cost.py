@@ -7,6 +7,7 @@ The one counter behind ``summary``, ``prune --speedup`` and the pruning report.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ import torch
 
 from resnet_imagenet.net.net import CaffeNet, data_layer_shapes, load_net
 from resnet_imagenet.net.phase import filter_net
+from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import DATA_LAYER_TYPES, parse_phase, read_net
 
 
@@ -95,3 +97,57 @@ def count_params_macs(net: CaffeNet) -> tuple[int, int]:
     """Learnable parameters and per-image multiply-adds (conv: out elems x Cin/g x kh x kw; fc: in x out)."""
     layers = list(net.layers.values())
     return sum(_params(m) for m in layers), sum(_macs(m) for m in layers)
+
+
+# -- what a net needs, before anything is allocated ----------------------------------------------
+
+GB = 1 << 30
+
+
+@dataclass
+class Footprint:
+    """Parameters and blob elements of a net built on the meta device (nothing allocated)."""
+
+    name: str
+    params: int
+    blob_elems: int
+    biggest: tuple[str, int]  # (layer, parameters) of the layer with most parameters
+
+    @property
+    def bytes(self) -> int:
+        """What Caffe would hold in fp32: each parameter's data, diff and two solver history slots (Adam's),
+        each blob's data and diff (caffe: Blob keeps data_ and diff_; the solver's history_ per parameter)."""
+        return 4 * (4 * self.params + 2 * self.blob_elems)
+
+
+def footprint(net_param: caffe_pb2.NetParameter, phase: int, input_shapes: dict | None = None) -> Footprint:
+    """The net's parameter count and blob sizes from its shapes alone (layers built on torch's meta device);
+    ``input_shapes``: data tops whose shape comes from the first record (data/shapes.py)."""
+    with torch.device("meta"):
+        net = CaffeNet(net_param, phase, input_shapes)
+    per_layer = [(name, _params(m)) for name, m in net.layers.items()]
+    biggest = max(per_layer, key=lambda x: x[1], default=("", 0))
+    elems = sum(math.prod(s) for s in net.blob_shapes.values())
+    return Footprint(net.name, sum(n for _, n in per_layer), elems, biggest)
+
+
+def machine_memory(gpu: int | None) -> int:
+    """Total memory of CUDA device ``gpu`` (None: this machine's physical RAM), in bytes."""
+    if gpu is not None:
+        return torch.cuda.get_device_properties(gpu).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_footprint(
+    net_param: caffe_pb2.NetParameter, phase: int, limit: int, where: str, input_shapes: dict | None = None
+) -> Footprint:
+    """ValueError in one line when the net would need more than ``limit`` bytes (0: no limit)."""
+    fp = footprint(net_param, phase, input_shapes)
+    if limit and fp.bytes > limit:
+        layer, n = fp.biggest
+        raise ValueError(
+            f"net '{fp.name}' needs about {fp.bytes / GB:.3g} GB ({fp.params:.3g} parameters, "
+            f"{fp.blob_elems:.3g} blob elements; the largest layer '{layer}' has {n:.3g} parameters), more than "
+            f"the {limit / GB:.3g} GB of {where}: shrink it, or raise the limit with --max-memory GB (0: no check)"
+        )
+    return fp

@@ -51,9 +51,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="TRAIN Data layers: keys = Caffe's LMDB key order, ranks interleaved (default); "
         "shuffle = a new permutation every epoch",
     )
-    for sig in ("sigint", "sighup"):
+    for sig in ("sigint", "sighup", "sigterm"):
         default = d[f"{sig}_effect"]
         a(f"--{sig}-effect", default=default, choices=list(EFFECTS), help=f"default: {default}")
+    a(
+        "--max-memory",
+        dest="max_memory_gb",
+        type=float,
+        default=d["max_memory_gb"],
+        metavar="GB",
+        help="refuse a net needing more memory than this (default: the GPU's, or this machine's; 0: no check)",
+    )
     a(
         "--check",
         action="store_true",
@@ -76,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         return train(opts)
     except TrainingDiverged as e:
-        error_line(f"resnet-imagenet train: error: {e}")
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops alike, with the same message: print it once
+            error_line(f"resnet-imagenet train: error: {e}")
         return 3
     except SnapshotError as e:
         error_line(f"resnet-imagenet train: error: {e}")

@@ -26,4 +26,6 @@ class TrainOptions:
     workers: int | None = None  # data loader processes per training process; None: from the CPU count
     sigint_effect: str = "stop"  # caffe: -sigint_effect (stop, snapshot or none)
     sighup_effect: str = "snapshot"  # caffe: -sighup_effect
+    sigterm_effect: str = "stop"  # SIGTERM (a scheduler's preemption): like Caffe's -sigint_effect
+    max_memory_gb: float | None = None  # refuse a net needing more (GB); None: the GPU's (or RAM's) size; 0: no check
     check: bool = False  # validate everything, then exit before training

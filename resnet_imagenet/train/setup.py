@@ -9,6 +9,7 @@ import torch
 
 from resnet_imagenet.data.feed import DataFeed
 from resnet_imagenet.data.shapes import data_input_shapes
+from resnet_imagenet.net.cost import GB, check_footprint, machine_memory
 from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
@@ -78,6 +79,17 @@ def load_data_net(
     upgrade_net(net_param)
     shapes = data_input_shapes(filter_net(net_param, ph, level, stages).layer, base_dir)
     return load_net(net_param, weights, ph, level, stages, input_shapes=shapes)
+
+
+def check_memory(nets: list[tuple[caffe_pb2.NetParameter, int]], gpu: int | None, max_gb: float | None) -> None:
+    """Refuse, in one line and before anything is allocated, a net that needs more memory than the limit:
+    ``max_gb`` (0: no check), by default the memory of GPU ``gpu`` (None: of this machine)."""
+    if max_gb == 0:
+        return
+    limit = int(max_gb * GB) if max_gb is not None else machine_memory(gpu)
+    where = "--max-memory" if max_gb is not None else (f"GPU {gpu}" if gpu is not None else "this machine's memory")
+    for param, phase in nets:
+        check_footprint(param, phase, limit, where, data_input_shapes(param.layer, None))
 
 
 def build_nets(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import math
 import os
 from typing import Any
 
@@ -25,10 +24,19 @@ from resnet_imagenet.proto.text import TEST, TRAIN, to_text
 from resnet_imagenet.solver.solver import CaffeSolver
 from resnet_imagenet.train import dist as D
 from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
+from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged, capped_counts
 from resnet_imagenet.train.options import TrainOptions
 from resnet_imagenet.train.resume import check_resume, load_rank_state, resume_weights
-from resnet_imagenet.train.setup import Feeds, build_feeds, build_nets, learnables, load_solver, solver_nets
-from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals
+from resnet_imagenet.train.setup import (
+    Feeds,
+    build_feeds,
+    build_nets,
+    check_memory,
+    learnables,
+    load_solver,
+    solver_nets,
+)
+from resnet_imagenet.train.signals import NONE, SNAPSHOT, STOP, Signals, launcher_pid
 from resnet_imagenet.train.snapshot import (
     SnapshotError,
     load_solverstate,
@@ -43,8 +51,7 @@ from resnet_imagenet.train.testpass import test_all
 log = logging.getLogger(__name__)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the iteration and the last good snapshot."""
+__all__ = ["Trainer", "TrainOptions", "TrainingDiverged", "load_rank_state", "train"]
 
 
 class Trainer:
@@ -67,6 +74,8 @@ class Trainer:
         torch.manual_seed(self.seed)  # caffe: Caffe::set_random_seed -- the same initial weights everywhere
         train_param, test_params = solver_nets(sp)
         self.net_params = [train_param] + test_params
+        gpu = P.gpu_ids[P.local_rank] if P.gpu_ids else None
+        check_memory([(train_param, TRAIN)] + [(t, TEST) for t in test_params], gpu, opts.max_memory_gb)
         self.net, self.test_nets = build_nets(
             train_param,
             test_params if P.rank == 0 else [],
@@ -84,6 +93,7 @@ class Trainer:
         self.model = self.net if opts.check else D.parallel(self.net, P)
         self.iter = 0
         self.loss = SmoothedLoss(sp.average_loss)
+        self.guard = DivergenceGuard()
         self.display = Display(self.net, sp.display, sp.max_iter, self.feeds.batch_size * sp.iter_size * P.world_size)
         self.last_snapshot: str | None = opts.snapshot  # the last snapshot written or resumed from
         self.snapshot_iter = -1  # the iteration of the last snapshot written (or resumed from)
@@ -177,7 +187,7 @@ class Trainer:
         error = None
         if self.procs.rank == 0:
             try:
-                _, state_path = save_snapshot(
+                save_snapshot(
                     self.net,
                     self.prefix,
                     self.iter,
@@ -185,7 +195,6 @@ class Trainer:
                     current_step=self.solver.current_step(self.iter),
                     extra=self.state_dict(per_rank),
                 )
-                self.last_snapshot = str(state_path)
             except Exception as e:  # anything: the other ranks must hear of it, not wait at the next collective
                 error = e
         # every rank learns whether rank 0 wrote it, so all stop together instead of blocking
@@ -196,6 +205,8 @@ class Trainer:
             raise SnapshotError(
                 f"snapshot {model_path} failed: {error}; stopping; last good snapshot: {self.last_snapshot or 'none'}"
             ) from error
+        # every rank knows the path rank 0 wrote (the names are the iteration's), so any rank's message names it
+        self.last_snapshot = str(snapshot_paths(self.prefix, self.iter)[1])
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -207,13 +218,16 @@ class Trainer:
 
     def _test_all(self) -> None:
         """Rank 0 scores every TEST net (testpass.test_all); a STOP signal interrupts."""
-        test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.pending == STOP)
+        test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.peek() == STOP)
 
     def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """iter_size passes whose gradients accumulate (DDP syncs on the last). Returns (mean loss [1], outputs)."""
+        """iter_size passes whose gradients accumulate (DDP syncs on the last).
+
+        Returns ([mean loss, items at the loss cap, loss items], outputs)."""
         iter_size, P = self.sp.iter_size, self.procs
         self.net.zero_grad(set_to_none=False)
         loss_sum = torch.zeros((), device=P.device)
+        capped = torch.zeros(2, device=P.device)
         for k in range(iter_size):
             sync = k == iter_size - 1 or not P.distributed
             with self.model.no_sync() if not sync else contextlib.nullcontext():
@@ -223,17 +237,12 @@ class Trainer:
                 if loss.requires_grad:
                     (self.prec.scaler.scale(loss) if self.prec.scaler is not None else loss).backward()
             loss_sum += loss.detach()
-        return loss_sum.reshape(1) / iter_size, out
+            capped += capped_counts(self.net, P.device)
+        return torch.cat([loss_sum.reshape(1) / iter_size, capped]), out
 
-    def _update_loss(self, loss: float) -> None:
-        """caffe: UpdateSmoothedLoss; a NaN or inf loss stops training instead (TrainingDiverged)."""
-        if not math.isfinite(loss):
-            msg = (
-                f"Iteration {self.iter}, loss = {g(loss)}: the loss is not finite, stopping; "
-                f"last good snapshot: {self.last_snapshot or 'none'}"
-            )
-            log.error(msg)
-            raise TrainingDiverged(msg)
+    def _update_loss(self, loss: float, capped: float, count: float) -> None:
+        """caffe: UpdateSmoothedLoss; a NaN, inf or stuck loss stops training instead (guard.py, TrainingDiverged)."""
+        self.guard.check(self.iter, loss, capped, count, self.last_snapshot, self.procs.rank)
         self.loss.update(loss, self.iter)
 
     def step(self) -> None:
@@ -252,7 +261,8 @@ class Trainer:
                 vec, counts = flat_outputs(self.net, out)
                 parts.append(vec)
             red = self._reduce(torch.cat([p.float() for p in parts]))
-            self._update_loss(red[0] / P.world_size)
+            self._update_loss(red[0] / P.world_size, red[1], red[2])
+            red = red[:1] + red[3:]  # [loss, snapshot, stop, outputs...]
             if display:
                 self.display.log(self.iter, self.loss.smoothed, [v / P.world_size for v in red[3:]], counts)
             self.solver.apply_update(self.iter, self.prec.scaler, display=display)
@@ -289,7 +299,8 @@ class Trainer:
         self._log_setup()
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", sp.lr_policy)
-        with Signals(self.opts.sigint_effect, self.opts.sighup_effect) as self.signals:
+        opts = self.opts
+        with Signals(opts.sigint_effect, opts.sighup_effect, opts.sigterm_effect, launcher_pid()) as self.signals:
             self.step()
             if sp.snapshot_after_train and self.snapshot_iter != self.iter:
                 self.snapshot()

@@ -72,11 +72,41 @@ def _check_label_count(shape, label_shape, axis: int) -> tuple[int, int]:
     return outer, inner
 
 
+class _CappedSoftmaxNLL(torch.autograd.Function):
+    """Per item -log(max(p_label, FLT_MIN)) = min(nll, -log(FLT_MIN)); the backward is Caffe's p - onehot.
+
+    caffe: softmax_loss_layer.cpp -- Forward_cpu: loss -= log(std::max(prob, FLT_MIN)); Backward_cpu:
+    bottom_diff = prob, bottom_diff[label] -= 1 (the cap touches the value only, the gradient stays p - 1).
+    The value is taken from the clamp itself, so no large nll is subtracted from another (no cancellation).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, label: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        logp = F.log_softmax(xf, dim=1)
+        safe = torch.where(valid, label, torch.zeros_like(label))
+        nll = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+        ctx.save_for_backward(logp, safe, valid)
+        ctx.in_dtype = x.dtype
+        return torch.where(valid, nll.clamp(max=_NEG_LOG_FLT_MIN), torch.zeros_like(nll))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logp, safe, valid = ctx.saved_tensors
+        diff = logp.exp()
+        diff.scatter_add_(1, safe.unsqueeze(1), -torch.ones_like(diff[:, :1]))
+        diff = diff * (grad * valid.to(grad.dtype)).unsqueeze(1)
+        return diff.to(ctx.in_dtype), None, None
+
+
 @register("SoftmaxWithLoss")
 class SoftmaxWithLoss(CaffeLayer):
-    """-log softmax of the label's score over softmax_param.axis; second top (optional): the softmax."""
+    """-log softmax of the label's score over softmax_param.axis; second top (optional): the softmax. After each
+    forward, ``capped`` / ``count`` hold how many of the (non-ignored) items were at the cap -log(FLT_MIN) and how
+    many there were: the trainer's divergence guard reads them."""
 
     n_bottoms = (2, 2)
+    CAP = _NEG_LOG_FLT_MIN
 
     def __init__(self, param, bottom_shapes):
         super().__init__(param, bottom_shapes)
@@ -87,6 +117,8 @@ class SoftmaxWithLoss(CaffeLayer):
         self.axis = canonical_axis(param.softmax_param.axis, bottom_shapes[0])
         _check_label_count(bottom_shapes[0], bottom_shapes[1], self.axis)
         self.n_tops = max(1, len(param.top))
+        self.capped: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
 
     def top_shapes(self):
         return [(), self.bottom_shapes[0]][: self.n_tops]
@@ -95,14 +127,15 @@ class SoftmaxWithLoss(CaffeLayer):
         outer, inner = math.prod(x.shape[: self.axis]), math.prod(x.shape[self.axis + 1 :])
         x = x.movedim(self.axis, 1)  # caffe: the class axis; labels follow the other axes in order
         label = _labels(label, x)
-        ignore = -100 if self.ignore is None else self.ignore
-        nll = F.cross_entropy(x, label, ignore_index=ignore, reduction="none")
-        # caffe: loss -= log(max(prob, FLT_MIN)) -- each sample's loss is capped at -log(FLT_MIN), while
-        # the gradient stays prob - 1 (the cap is applied to the value only)
-        capped = nll.detach().clamp(max=_NEG_LOG_FLT_MIN)
-        total = (nll + (capped - nll.detach())).sum()
-        valid = (label != self.ignore).sum().to(total.dtype) if self.ignore is not None else None
-        loss = total / normalizer(self.mode, outer, inner, valid)
+        valid = torch.ones_like(label, dtype=torch.bool) if self.ignore is None else label != self.ignore
+        # caffe: loss -= log(max(prob, FLT_MIN)) per item, gradient prob - 1 (the cap is on the value only)
+        item = _CappedSoftmaxNLL.apply(x, label, valid)
+        total = item.sum()
+        with torch.no_grad():
+            self.capped = ((item >= _NEG_LOG_FLT_MIN) & valid).sum()
+            self.count = valid.sum()
+        n_valid = valid.sum().to(total.dtype) if self.ignore is not None else None
+        loss = total / normalizer(self.mode, outer, inner, n_valid)
         if self.n_tops > 1:
             return loss, F.softmax(x, 1).movedim(1, self.axis)
         return loss
