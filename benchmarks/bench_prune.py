@@ -10,6 +10,11 @@
     python benchmarks/bench_prune.py                    # CPU, batch 32, 5 reps; prune 32 images
     python benchmarks/bench_prune.py --device cuda      # forward timing on the GPU (pruning on CPU)
     python benchmarks/bench_prune.py --quick            # smoke check: batch 2, 1 rep, prune 2 images
+3. Deploy (benchmarks/_deploy_timing.py): unpruned vs pruned at batch 32 and 1 in torch eval, torch with
+   BatchNorm folded + channels_last, and onnxruntime (the `export` command's file), with Torch-Pruning's
+   MAC-halved torchvision resnet50 beside it, and (--layers) a per-layer forward table.
+
+    python benchmarks/bench_prune.py --deploy-only      # only part 3 (needs onnx, onnxruntime, torch-pruning)
 """
 
 from __future__ import annotations
@@ -74,10 +79,18 @@ def _time_forward(net, x, device) -> float:
     return time.perf_counter() - t0
 
 
-def bench_forward(batch: int, reps: int, device: torch.device) -> None:
+def _nets(randomize: bool = True):
     base = load_net(ZOO / "deploy.prototxt")
     widths = plan_for_speedup(base, find_pairs(base), 2.0)[0]
     pruned = _pruned_deploy(widths)
+    if randomize:
+        for net in (base, pruned):
+            _randomize(net)
+    return base.eval(), pruned.eval()
+
+
+def bench_forward(batch: int, reps: int, device: torch.device) -> None:
+    base, pruned = _nets(randomize=False)
     macs0, macs1 = count_params_macs(base)[1], count_params_macs(pruned)[1]
     for net in (base, pruned):
         _randomize(net)
@@ -135,13 +148,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] for the forward timing")
     ap.add_argument("--images", type=int, default=32, help="images the pruning run samples")
     ap.add_argument("--quick", action="store_true", help="smoke check: batch 2, 1 rep, 2 images")
+    ap.add_argument("--deploy-only", action="store_true", help="only the deploy comparison (part 3)")
+    ap.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out of part 3")
+    ap.add_argument("--layers", action="store_true", help="part 3: also a per-layer forward table")
     args, unknown = ap.parse_known_args()
     if unknown:
         print(f"bench_prune: ignoring {' '.join(unknown)}")
     if args.quick:
         args.batch, args.reps, args.images = 2, 1, 2
-    bench_forward(args.batch, args.reps, torch.device(args.device))
-    bench_prune_memory(args.images)
+    if not args.deploy_only:
+        bench_forward(args.batch, args.reps, torch.device(args.device))
+        bench_prune_memory(args.images)
+    from _deploy_timing import bench_deploy
+
+    batches = (2, 1) if args.quick else (32, 1)
+    bench_deploy(*_nets(), batches, args.reps, not args.no_torch_pruning, args.layers)
 
 
 if __name__ == "__main__":

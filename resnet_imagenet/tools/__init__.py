@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # command: (module in resnet_imagenet.
     "parse_log": ("logs", "CSV files LOG.train and LOG.test from a Caffe-format training log"),
     "plot_log": ("logs", "plot training loss (raw and smoothed) and accuracy against iteration"),
     "test": ("test", "score a trained net on its TEST phase data (caffe test): top-1, top-5, loss"),
+    "export": ("export", "a deploy net -> ONNX, TorchScript or torchvision, BatchNorm folded, checked on reload"),
+    "import_torchvision": ("import_torchvision", "a torchvision ResNet state dict -> prototxts + caffemodel"),
     "classify": ("classify", "top-5 classes of image files with a deploy net"),
     "demo": ("demo", "the whole pipeline on the built-in dataset, in a few CPU minutes (make demo)"),
     "upgrade_net_proto_text": ("upgrade_net_proto", "write a V0/V1 net prototxt in today's format (caffe's tool)"),
