@@ -155,10 +155,8 @@ def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path, order: str, se
             raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
         recs = Records(base / dp.source, is_list=False)
         keys = phase == TRAIN and order == "keys"
-        # caffe (before 1.0): DataLayerSetUp skips caffe_rng_rand() % rand_skip records once
-        skip = int(np.random.default_rng([seed, 2]).integers(dp.rand_skip)) if keys and dp.rand_skip else 0
         src = {"batch": dp.batch_size, "shuffle": phase == TRAIN and not keys, "bicubic": False, "new_dim": 0}
-        return recs, {**src, "caffe_keys": keys, "skip": skip}
+        return recs, {**src, "caffe_keys": keys, "skip": 0}  # rand_skip: _rand_skip, for either order
     if lp.type == "ImageData":
         ip = lp.image_data_param
         resize = (ip.new_height, ip.new_width)

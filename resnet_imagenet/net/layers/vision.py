@@ -87,9 +87,13 @@ class _ConvBase(CaffeLayer):
         if p.bias_term:
             self.bias = nn.Parameter(torch.empty(cout))
             fill_(self.bias, filler_of(p, "bias_filler"))
-        self.num_output = cout
         if min(self.top_shapes()[0][2:]) <= 0:
             raise ValueError(f"output size {self.top_shapes()[0][2:]} of input {bottom_shapes[0]} is not positive")
+
+    @property
+    def num_output(self) -> int:
+        """Output channels, read from the weight (pruning's surgery narrows it in place)."""
+        return self.weight.shape[1] * self.group if self.transposed else self.weight.shape[0]
 
     def top_shapes(self):
         n, _, h, w = self.bottom_shapes[0]
