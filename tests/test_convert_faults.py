@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests._images import smooth_image, write_images
+from _images import smooth_image, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ place when complete (data/convert.py's builder).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import lmdb
 from resnet_imagenet.util.atomic import atomic_path
 
 MAX_KEY = 511  # LMDB's default maximum key size
+META_NAME = "resnet_imagenet_meta.json"  # convert's metadata inside the DB folder (data/convert.py _meta)
 
 _OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
 
@@ -29,7 +31,10 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
         return _OPEN[key][0]
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"{path}: not an LMDB (no data.mdb)")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    except lmdb.Error as e:
+        raise ValueError(f"{path}: cannot open the LMDB ({e})") from None
     _OPEN[key] = [env, 1]
     return env
 
@@ -66,6 +71,17 @@ class LmdbWriter:
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
         self._pending = []
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The META_NAME JSON inside DB folder ``path`` (None for a DB without one, e.g. built by Caffe)."""
+    f = Path(path) / META_NAME
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: unreadable ({e})") from None
 
 
 @contextlib.contextmanager

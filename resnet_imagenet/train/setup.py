@@ -185,9 +185,22 @@ def build_feeds(
             channels_last=channels_last,
         )
         out.append((feed, list(lp.top)))
+        _label_checks(net, feed, list(lp.top))
     if not out:
         raise ValueError(f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no Data or ImageData layer")
     return Feeds(out)
+
+
+def _label_checks(net: CaffeNet, feed: DataFeed, tops: list[str]) -> None:
+    """The classes a feed's labels index: the class axis of the scores its label meets in a SoftmaxWithLoss
+    or Accuracy layer (the classifier's num_output)."""
+    for lp in net.layer_params:
+        if lp.type in ("SoftmaxWithLoss", "Accuracy") and len(lp.bottom) > 1 and lp.bottom[1] in tops:
+            param = lp.loss_param if lp.type == "SoftmaxWithLoss" else lp.accuracy_param
+            ignore = param.ignore_label if param.HasField("ignore_label") else None
+            classes = net.blob_shapes[lp.bottom[0]][1]
+            feed.check_labels(classes, ignore, f"layer '{lp.name}' ({classes} classes in '{lp.bottom[0]}')")
+            return
 
 
 def learnables(net: CaffeNet) -> list[Learnable]:
