@@ -25,7 +25,7 @@ from tqdm import tqdm
 from resnet_imagenet._version import __version__
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import encode_datum
-from resnet_imagenet.data.db import MAX_KEY, META_NAME, create_lmdb
+from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
 from resnet_imagenet.data.pool import default_jobs, run_ordered
 from resnet_imagenet.util.atomic import atomic_write_text
@@ -234,6 +234,8 @@ def build_db(
                                                                desc=db.name, smoothing=0.05))  # fmt: skip
             _check(db, summary, strict)
             atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
+            if (meta or {}).get("classes"):  # inside the DB folder: renamed into place with the records
+                atomic_write_text(out.folder / CLASSES_NAME, "".join(c + "\n" for c in meta["classes"]))
     except Interrupted as e:
         raise e.with_message(
             f"{db} not written ({summary.written} records were; the temporary DB is removed)"
@@ -291,5 +293,7 @@ def convert_imageset(
         progress=progress,
     )
     if classes is not None:
+        # the old place beside the DB, still written for existing scripts; readers take the DB's own
+        # (db.read_classes), which a kill between the two renames cannot pair with another run's
         atomic_write_text(classes_path(db), "".join(c + "\n" for c in classes))
     return summary

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from resnet_imagenet.data.db import META_NAME
+from resnet_imagenet.data.db import META_NAME, read_classes
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,9 @@ def check_sizes(
 
 def check_meta_labels(layer: str, source: Path, meta: dict | None, classes: int, ignore: int | None, what: str) -> None:
     """The build's label range (META_NAME) must fit [0, classes) (``ignore`` aside)."""
+    names = read_classes(source)
+    if names is not None and len(names) != classes:
+        log.warning("%s: %d classes in its class list, %d in %s", source, len(names), classes, what)
     rng = (meta or {}).get("labels")
     if rng and any(x != ignore and not 0 <= x < classes for x in (rng["min"], rng["max"])):
         raise ValueError(
