@@ -337,3 +337,65 @@ def test_lmdb_smashed_while_training_is_one_line_naming_the_db(tmp_path):
             for _ in range(40):
                 feed.next()
     assert "\n" not in str(e.value)
+
+
+# -- 4. a frozen peer -----------------------------------------------------------------------------------
+
+
+def rank_of(pid: int) -> int:
+    env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env_vars if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+@pytest.mark.slow
+def test_frozen_peer_is_named_and_the_run_ends_in_seconds(tiny, tmp_path):
+    tiny(max_iter=100000)
+    kw = {"RESNET_IMAGENET_PEER_TIMEOUT": "3", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc, seen = start_and_wait_for(torchrun_cmd(2, "--solver", "solver.prototxt"), tmp_path, "Iteration 3 (", **kw)
+    trainers = children(proc.pid)
+    try:
+        assert len(trainers) == 2
+        frozen = next(p for p in trainers if rank_of(p) == 1)
+        live = next(p for p in trainers if p != frozen)
+        os.kill(frozen, signal.SIGSTOP)  # a hung node: alive, silent
+        t0 = time.monotonic()
+        while alive(live) and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        noticed = time.monotonic() - t0
+        seen += proc.stderr.readlines()
+        proc.wait(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        for p in trainers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        proc.kill()
+    err = errors("".join(seen))
+    assert proc.returncode != 0
+    assert any(
+        re.match(
+            r"resnet-imagenet train: error: rank 1 stopped answering: no heartbeat for \d+ s "
+            r"\(RESNET_IMAGENET_PEER_TIMEOUT=3 s\); rank 0 stopping$",
+            e,
+        )  # fmt: skip
+        for e in err
+    ), "".join(seen[-30:])
+    assert noticed < 15, noticed  # rank 0: 3 s without a heartbeat, on a busy machine
+    # torchrun then waits 30 s (fixed, after a failed worker) before it SIGKILLs the frozen rank
+    assert took < 75, took
+    time.sleep(0.5)
+    assert not any(alive(p) for p in trainers)
+
+
+def test_pg_timeout_default_and_variables(monkeypatch):
+    from resnet_imagenet.train.dist import pg_timeout
+    from resnet_imagenet.train.heartbeat import peer_timeout
+
+    monkeypatch.delenv("RESNET_IMAGENET_PG_TIMEOUT", raising=False)
+    monkeypatch.delenv("RESNET_IMAGENET_DIST_TIMEOUT_MIN", raising=False)
+    monkeypatch.delenv("RESNET_IMAGENET_PEER_TIMEOUT", raising=False)
+    assert pg_timeout().total_seconds() == 1800 and peer_timeout() == 120
+    monkeypatch.setenv("RESNET_IMAGENET_DIST_TIMEOUT_MIN", "90")
+    assert pg_timeout().total_seconds() == 5400
+    monkeypatch.setenv("RESNET_IMAGENET_PG_TIMEOUT", "7200")
+    assert pg_timeout().total_seconds() == 7200
