@@ -70,11 +70,16 @@ else
     LAUNCH=(--standalone)
 fi
 # Signals. torchrun starts the trainers in their own sessions and forwards the signals it handles, then
-# kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT: give a stopping trainer time to snapshot. Ctrl-C
-# (SIGINT) reaches torchrun, which forwards it: the trainers snapshot and stop. SIGHUP is left to the
-# trainers (`kill -HUP <pid of any trainer>`: snapshot and go on); torchrun, this script and tee ignore it,
-# and tee ignores SIGINT too, so the last lines reach the log.
-export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}"
+# kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT: a stopping trainer finishes its iteration and writes
+# its snapshot within that (60 s; raise it for nets whose snapshot takes longer). Ctrl-C (SIGINT) and
+# SIGTERM (a scheduler's preemption, `kill <torchrun pid>`) reach torchrun, which forwards them: the
+# trainers snapshot and stop (--sigterm-effect). SIGHUP is left to the trainers (`kill -HUP <pid of any
+# trainer>`: snapshot and go on); torchrun, this script and tee ignore it, and tee ignores SIGINT too, so
+# the last lines reach the log. If torchrun itself is killed (-9), the trainers snapshot and stop.
+# Peers: a frozen process is named and the run stopped after RESNET_IMAGENET_PEER_TIMEOUT seconds
+# without its heartbeat (120); collectives time out after RESNET_IMAGENET_PG_TIMEOUT (1800: rank 0's
+# TEST pass runs while the others wait). torchrun kills what is left 30 s after a trainer fails.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-60}"
 if "$PY" -m torch.distributed.run --help 2>/dev/null | grep -q -- --signals-to-handle; then
     LAUNCH+=(--signals-to-handle SIGTERM,SIGINT,SIGQUIT)
 fi

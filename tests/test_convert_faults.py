@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests._images import smooth_image, write_images
+from _images import smooth_image, write_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,3 +107,22 @@ def test_kill9_of_convert_stops_its_workers(images, tmp_path):
     finally:
         for p in children(proc.pid):
             os.kill(p, signal.SIGKILL)
+
+
+def test_class_list_lives_inside_the_db_and_wins_over_a_stray_sidecar(tmp_path, caplog):
+    from resnet_imagenet.data.convert import convert_imageset
+    from resnet_imagenet.data.db import read_classes
+    from resnet_imagenet.tools.classify import load_labels
+
+    rng = np.random.default_rng(1)
+    for c in ("cat", "dog"):
+        write_images(tmp_path / "root" / c, [smooth_image(rng, 8, 8)])
+    convert_imageset(tmp_path / "root", None, tmp_path / "db", jobs=1, progress=False)
+    assert (tmp_path / "db" / "classes.txt").read_text() == "cat\ndog\n"  # renamed into place with the records
+    assert (tmp_path / "db.classes.txt").read_text() == "cat\ndog\n"  # still written, for existing scripts
+    assert read_classes(tmp_path / "db") == ["cat", "dog"]
+    (tmp_path / "db.classes.txt").write_text("ant\nbee\n")  # another run's list, renamed in between
+    assert read_classes(tmp_path / "db") == ["cat", "dog"] and "another build" in caplog.text
+    assert load_labels(tmp_path / "db", 2) == ["cat", "dog"]
+    (tmp_path / "db" / "classes.txt").unlink()  # a DB built before the class list moved inside
+    assert read_classes(tmp_path / "db") == ["ant", "bee"]

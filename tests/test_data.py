@@ -116,18 +116,19 @@ def test_mean_file_of_the_wrong_size_is_a_clear_error(tmp_path):
     write_blobproto(np.zeros((1, 3, 5, 5), np.float32), tmp_path / "m.binaryproto")
     db = make_db(tmp_path, [np.zeros((8, 8, 3), np.uint8)])
     t = 'crop_size: 4 mean_file: "m.binaryproto"'
-    with DataFeed(layer(db, 1, transform=t), "test", num_workers=0, base_dir=tmp_path) as feed:
-        with pytest.raises(ValueError, match="mean_file is"):
-            feed.next()
+    with pytest.raises(ValueError, match=r"mean_file is \(5, 5\) but record 0 of .* is \(8, 8\)"):
+        DataFeed(layer(db, 1, transform=t), "test", num_workers=0, base_dir=tmp_path)
 
 
-def test_mean_file_size_error_names_the_image_that_does_not_fit(tmp_path):
+def test_record_of_another_size_than_the_mean_file_is_skipped_and_counted(tmp_path, caplog):
     write_blobproto(np.zeros((1, 3, 8, 8), np.float32), tmp_path / "m.binaryproto")
-    db = make_db(tmp_path, [np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8, 3), np.uint8)])
+    db = make_db(tmp_path, [np.zeros((8, 8, 3), np.uint8), np.full((9, 8, 3), 7, np.uint8)])
     t = 'crop_size: 4 mean_file: "m.binaryproto"'
     with DataFeed(layer(db, 2, transform=t), "test", num_workers=0, base_dir=tmp_path) as feed:
-        with pytest.raises(ValueError, match=r"mean_file is \(8, 8\) but an image is \(9, 8\)"):
-            feed.next()
+        x, _ = feed.next()  # record 1 (9x8) is skipped, the stream fills the batch with record 0
+        assert feed.skipped == 1 and x.shape == (2, 3, 4, 4) and x.abs().max() == 0
+    assert "record 1 skipped: it is 9x8, not 8x8 (the size of mean_file m.binaryproto)" in caplog.text
+    assert "1 records are not 8x8" in caplog.text  # from the build's record sizes
 
 
 @pytest.mark.gpu

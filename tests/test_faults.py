@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,13 +46,15 @@ random_seed: 7
 """
 
 
-def write_lmdb(path: Path, n: int, classes: int = 10, seed: int = 0) -> None:
+def write_lmdb(path: Path, n: int, classes: int = 10, seed: int = 0, odd: dict | None = None) -> None:
+    """n raw 12x12 records, label i % classes; ``odd`` maps a record number to (label, size) instead."""
     rng = np.random.default_rng(seed)
     env = lmdb.open(str(path), map_size=1 << 24)
     with env.begin(write=True) as txn:
         for i in range(n):
-            img = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
-            txn.put(f"{i:08d}".encode(), encode_datum(img, i % classes))
+            label, size = (odd or {}).get(i, (i % classes, 12))
+            img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+            txn.put(f"{i:08d}".encode(), encode_datum(img, label))
     env.close()
 
 
@@ -248,3 +251,151 @@ def test_max_memory_flag_sets_the_limit(tiny, capsys):
     assert cli_main(["train", "--solver", solver, "--workers", "0", "--check", "--max-memory", "0.1"]) == 1
     assert "more than the 0.1 GB of --max-memory" in capsys.readouterr().err
     assert cli_main(["train", "--solver", solver, "--workers", "0", "--check", "--max-memory", "1"]) == 0
+
+
+# -- 3. bad records: labels out of range, odd sizes, smashed pages ------------------------------------
+
+
+@pytest.mark.parametrize("label", [10, -1])
+def test_label_outside_num_output_is_one_line_naming_db_and_record(tiny, capsys, label):
+    tiny()
+    shutil.rmtree("train_lmdb")
+    write_lmdb(Path("train_lmdb"), 64, odd={37: (label, 12)})
+    assert cli_main(["train", "--solver", "solver.prototxt", "--workers", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"resnet-imagenet train: error: {Path.cwd() / 'train_lmdb'}: record 37 has label {label}, outside 0..9 of "
+        "layer 'loss' (10 classes in 'fc')"
+    ), err[-3:]
+    assert not any("Traceback" in ln or "IndexError" in ln for ln in err)
+
+
+def test_check_reads_the_label_range_recorded_at_build(tiny, tmp_path, capsys):
+    from _images import smooth_image, write_images
+
+    rng = np.random.default_rng(0)
+    names = write_images(tmp_path / "img", [smooth_image(rng, 12, 12) for _ in range(11)])
+    (tmp_path / "list.txt").write_text("".join(f"{n} {i}\n" for i, n in enumerate(names)))  # labels 0..10
+    shutil.rmtree("train_lmdb")
+    args = ["--no-progress", "--jobs", "1", str(tmp_path / "img"), str(tmp_path / "list.txt"), "train_lmdb"]
+    assert cli_main(["convert_imageset", *args]) == 0
+    solver = tiny()
+    capsys.readouterr()
+    assert cli_main(["train", "--solver", solver, "--check"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(
+        "train_lmdb: labels 0..10 (its resnet_imagenet_meta.json) do not fit layer 'loss' (10 classes in 'fc'): "
+        "expected 0..9"
+    ), err
+
+
+def test_odd_sized_record_with_a_full_size_mean_file_is_skipped(tiny, capsys):
+    from resnet_imagenet.proto.blob import write_blobproto
+
+    shutil.rmtree("train_lmdb")
+    write_lmdb(Path("train_lmdb"), 64, odd={5: (5, 14)})  # one 3x14x14 among 3x12x12
+    write_blobproto(np.full((1, 3, 12, 12), 128, np.float32), Path("mean.binaryproto"))
+    solver = tiny(max_iter=12)
+    Path("net.prototxt").write_text(
+        Path("net.prototxt").read_text().replace("mean_value: 128", 'mean_file: "mean.binaryproto"')
+    )
+    assert cli_main(["train", "--solver", solver, "--workers", "0"]) == 0  # 12 x 8 = 96 > 64: record 5 came up
+    assert (
+        "record 5 skipped: it is 14x14, not 12x12 (the size of mean_file mean.binaryproto)" in capsys.readouterr().err
+    )
+
+
+def test_smashed_lmdb_pages_are_one_line_naming_the_db(tiny, capsys):
+    solver = tiny()
+    data = Path("train_lmdb/data.mdb")
+    raw = bytearray(data.read_bytes())
+    raw[2 * 4096 :] = b"\xa5" * (len(raw) - 2 * 4096)  # every page after the two meta pages
+    data.write_bytes(bytes(raw))
+    assert cli_main(["train", "--solver", solver, "--workers", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_lmdb: the LMDB is corrupt" in err[0], err
+
+
+def test_lmdb_smashed_while_training_is_one_line_naming_the_db(tmp_path):
+    from resnet_imagenet.data.feed import DataFeed
+    from resnet_imagenet.proto import caffe_pb2
+    from resnet_imagenet.proto.text import parse_text
+
+    write_lmdb(tmp_path / "db", 64)
+    lp = parse_text(
+        'name: "d" type: "Data" top: "data" top: "label" data_param { source: "db" batch_size: 4 }',
+        caffe_pb2.LayerParameter(),
+    )
+    with DataFeed(lp, "train", num_workers=1, base_dir=tmp_path) as feed:
+        feed.next()
+        data = tmp_path / "db" / "data.mdb"
+        raw = bytearray(data.read_bytes())
+        raw[2 * 4096 :] = b"\xa5" * (len(raw) - 2 * 4096)
+        with open(data, "r+b") as f:  # in place: the readers' maps see it
+            f.write(bytes(raw))
+        with pytest.raises(ValueError, match=r"db: the LMDB is corrupt at record \d+") as e:
+            for _ in range(40):
+                feed.next()
+    assert "\n" not in str(e.value)
+
+
+# -- 4. a frozen peer -----------------------------------------------------------------------------------
+
+
+def rank_of(pid: int) -> int:
+    env_vars = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in env_vars if v.startswith(b"RANK=")).split(b"=")[1])
+
+
+@pytest.mark.slow
+def test_frozen_peer_is_named_and_the_run_ends_in_seconds(tiny, tmp_path):
+    tiny(max_iter=100000)
+    kw = {"RESNET_IMAGENET_PEER_TIMEOUT": "3", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "3"}
+    proc, seen = start_and_wait_for(torchrun_cmd(2, "--solver", "solver.prototxt"), tmp_path, "Iteration 3 (", **kw)
+    trainers = children(proc.pid)
+    try:
+        assert len(trainers) == 2
+        frozen = next(p for p in trainers if rank_of(p) == 1)
+        live = next(p for p in trainers if p != frozen)
+        os.kill(frozen, signal.SIGSTOP)  # a hung node: alive, silent
+        t0 = time.monotonic()
+        while alive(live) and time.monotonic() - t0 < 30:
+            time.sleep(0.1)
+        noticed = time.monotonic() - t0
+        seen += proc.stderr.readlines()
+        proc.wait(timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        for p in trainers:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        proc.kill()
+    err = errors("".join(seen))
+    assert proc.returncode != 0
+    assert any(
+        re.match(
+            r"resnet-imagenet train: error: rank 1 stopped answering: no heartbeat for \d+ s "
+            r"\(RESNET_IMAGENET_PEER_TIMEOUT=3 s\); rank 0 stopping$",
+            e,
+        )  # fmt: skip
+        for e in err
+    ), "".join(seen[-30:])
+    assert noticed < 15, noticed  # rank 0: 3 s without a heartbeat, on a busy machine
+    # torchrun then waits 30 s (fixed, after a failed worker) before it SIGKILLs the frozen rank
+    assert took < 75, took
+    time.sleep(0.5)
+    assert not any(alive(p) for p in trainers)
+
+
+def test_pg_timeout_default_and_variables(monkeypatch):
+    from resnet_imagenet.train.dist import pg_timeout
+    from resnet_imagenet.train.heartbeat import peer_timeout
+
+    monkeypatch.delenv("RESNET_IMAGENET_PG_TIMEOUT", raising=False)
+    monkeypatch.delenv("RESNET_IMAGENET_DIST_TIMEOUT_MIN", raising=False)
+    monkeypatch.delenv("RESNET_IMAGENET_PEER_TIMEOUT", raising=False)
+    assert pg_timeout().total_seconds() == 1800 and peer_timeout() == 120
+    monkeypatch.setenv("RESNET_IMAGENET_DIST_TIMEOUT_MIN", "90")
+    assert pg_timeout().total_seconds() == 5400
+    monkeypatch.setenv("RESNET_IMAGENET_PG_TIMEOUT", "7200")
+    assert pg_timeout().total_seconds() == 7200

@@ -25,15 +25,13 @@ from tqdm import tqdm
 from resnet_imagenet._version import __version__
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import encode_datum
-from resnet_imagenet.data.db import MAX_KEY, create_lmdb
+from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
 from resnet_imagenet.data.pool import default_jobs, run_ordered
 from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
 
 log = logging.getLogger(__name__)
-
-META_NAME = "resnet_imagenet_meta.json"
 
 
 @dataclasses.dataclass
@@ -57,6 +55,8 @@ class Summary:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, reason)
     bytes: int = 0
     seconds: float = 0.0
+    labels: list[int] = dataclasses.field(default_factory=list)  # [min, max] of the written records' labels
+    shapes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # "CxHxW" -> records
 
     def report(self) -> str:
         reasons = collections.Counter(r.split(":")[0] for _, r in self.skipped)
@@ -144,7 +144,7 @@ def _records(
 ) -> Iterator[tuple[bytes, bytes]]:
     """The workers' results -> (key, datum) to store; a skipped input goes to ``summary.skipped`` and the log."""
     first_shape = None
-    for name, _label, datum, reason, shape in results:
+    for name, label, datum, reason, shape in results:
         bar.update()
         if datum is not None and opts.check_size:
             first_shape = first_shape or shape
@@ -159,6 +159,9 @@ def _records(
             continue
         summary.written += 1
         summary.bytes += len(datum)
+        lo, hi = summary.labels or (label, label)
+        summary.labels = [min(lo, label), max(hi, label)]
+        summary.shapes["x".join(map(str, shape))] += 1
         yield key, datum
 
 
@@ -178,6 +181,9 @@ def _meta(summary: Summary, opts: ConvertOptions, extra: dict | None) -> str:
         "count": summary.written,
         "skipped": len(summary.skipped),
         "bytes": summary.bytes,
+        # what train checks against the net before it starts (data/feed.py): label range, record sizes
+        "labels": {"min": summary.labels[0], "max": summary.labels[1]} if summary.labels else None,
+        "shapes": dict(summary.shapes.most_common(32)),
         "options": dataclasses.asdict(opts),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
@@ -228,6 +234,8 @@ def build_db(
                                                                desc=db.name, smoothing=0.05))  # fmt: skip
             _check(db, summary, strict)
             atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
+            if (meta or {}).get("classes"):  # inside the DB folder: renamed into place with the records
+                atomic_write_text(out.folder / CLASSES_NAME, "".join(c + "\n" for c in meta["classes"]))
     except Interrupted as e:
         raise e.with_message(
             f"{db} not written ({summary.written} records were; the temporary DB is removed)"
@@ -285,5 +293,7 @@ def convert_imageset(
         progress=progress,
     )
     if classes is not None:
+        # the old place beside the DB, still written for existing scripts; readers take the DB's own
+        # (db.read_classes), which a kill between the two renames cannot pair with another run's
         atomic_write_text(classes_path(db), "".join(c + "\n" for c in classes))
     return summary

@@ -8,6 +8,8 @@ place when complete (data/convert.py's builder).
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,11 @@ import lmdb
 
 from resnet_imagenet.util.atomic import atomic_path
 
+log = logging.getLogger(__name__)
+
 MAX_KEY = 511  # LMDB's default maximum key size
+META_NAME = "resnet_imagenet_meta.json"  # convert's metadata inside the DB folder (data/convert.py _meta)
+CLASSES_NAME = "classes.txt"  # a folder-walked DB's class names, one a line in label order, inside the DB folder
 
 _OPEN: dict[tuple[int, str], list] = {}  # (pid, path) -> [environment, users]: lmdb opens a path once per process
 
@@ -29,7 +35,10 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
         return _OPEN[key][0]
     if not (Path(path) / "data.mdb").is_file():
         raise FileNotFoundError(f"{path}: not an LMDB (no data.mdb)")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=512)
+    except lmdb.Error as e:
+        raise ValueError(f"{path}: cannot open the LMDB ({e})") from None
     _OPEN[key] = [env, 1]
     return env
 
@@ -66,6 +75,33 @@ class LmdbWriter:
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
         self._pending = []
+
+
+def read_meta(path: str | os.PathLike) -> dict | None:
+    """The META_NAME JSON inside DB folder ``path`` (None for a DB without one, e.g. built by Caffe)."""
+    f = Path(path) / META_NAME
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: unreadable ({e})") from None
+
+
+def read_classes(path: str | os.PathLike) -> list[str] | None:
+    """A DB's class names in label order: its own CLASSES_NAME (built with it), else the ``<db>.classes.txt``
+    beside it that older builds wrote; None when it has neither (a list-file build, a Caffe DB). When both
+    exist and differ, the beside one belongs to another build: the DB's own wins, with a warning."""
+    db = Path(path)
+    own, beside = db / CLASSES_NAME, db.with_name(db.name + ".classes.txt")
+    names = [ln.strip() for ln in own.read_text().splitlines() if ln.strip()] if own.is_file() else None
+    if beside.is_file():
+        old = [ln.strip() for ln in beside.read_text().splitlines() if ln.strip()]
+        if names is None:
+            return old
+        if old != names:
+            log.warning("%s does not match %s (another build's?): using the DB's own", beside, own)
+    return names
 
 
 @contextlib.contextmanager

@@ -27,8 +27,10 @@ import numpy as np
 import torch
 
 from resnet_imagenet.data import transform as T
+from resnet_imagenet.data.db import read_meta
+from resnet_imagenet.data.feedcheck import check_batch_labels, check_meta_labels, check_sizes
 from resnet_imagenet.data.mean import load_mean
-from resnet_imagenet.data.records import SKIPPED, Records, Unsupported
+from resnet_imagenet.data.records import SKIPPED, DataError, Records, Unsupported
 from resnet_imagenet.data.shapes import layer_channels
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import TRAIN, parse_phase
@@ -80,6 +82,8 @@ class _Batches(torch.utils.data.Dataset):
         rng = np.random.default_rng([c["seed"], epoch, idx, 1])
         img, label = self.image(idx)
         h, w = img.shape[:2]
+        if c["size"] and (h, w) != c["size"]:  # an odd record is skipped like a corrupt one
+            raise ValueError(f"it is {h}x{w}, not {c['size'][0]}x{c['size'][1]} ({c['size_from']})")
         if c["rrc"]:
             out = T.random_resized_crop(img, c["crop"], rng)
             ho = wo = 0
@@ -93,9 +97,14 @@ class _Batches(torch.utils.data.Dataset):
             out = out[:, ::-1]
         return out, label, (ho, wo, int(flip), h, w)
 
-    def __getitem__(self, item: tuple[int, int, bool]) -> dict[str, torch.Tensor]:
-        pos, count, stream = item
-        images, labels, geo = [], [], []
+    def __getitem__(self, item: tuple[int, int, bool]) -> dict:
+        try:
+            return self._batch(*item)
+        except DataError as e:  # the main process raises it (a worker's exception would carry its traceback)
+            return {"error": str(e)}
+
+    def _batch(self, pos: int, count: int, stream: bool) -> dict[str, torch.Tensor]:
+        images, labels, geo, index, skipped = [], [], [], [], 0
         for p in range(pos, pos + count):
             epoch, idx = self.index(p, stream)
             # A bad record is skipped with a warning. The endless stream replaces it by the next good
@@ -107,10 +116,11 @@ class _Batches(torch.utils.data.Dataset):
                     break
                 except SKIPPED as e:  # corrupt: skip, never fatal
                     log.warning("%s: record %d skipped: %s", self.recs.source, j, e)
+                    skipped += 1
             else:
                 if not stream:
                     continue
-                raise RuntimeError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
+                raise DataError(f"{self.recs.source}: 64 records in a row from {idx} are unreadable")
             chw = img.transpose(2, 0, 1)  # raw records are CHW already: a view, copied once below
             if images and chw.shape != images[0].shape:
                 sizes = f"{chw.shape} and {images[0].shape}"
@@ -118,6 +128,7 @@ class _Batches(torch.utils.data.Dataset):
             images.append(chw)
             labels.append(label)
             geo.append(g)
+            index.append(j)
         out = np.stack(images) if images else np.empty((0, 0, 0, 0), np.uint8)
         if torch.utils.data.get_worker_info() is None:
             # In the main process, hold no environment between batches: workers forked later could
@@ -127,6 +138,8 @@ class _Batches(torch.utils.data.Dataset):
             "data": torch.from_numpy(out),  # N,C,H,W uint8
             "label": torch.tensor(labels, dtype=torch.int64),
             "geo": torch.tensor(geo, dtype=torch.int64),  # h_off, w_off, flip, src_h, src_w
+            "index": torch.tensor(index, dtype=torch.int64),  # the records' numbers
+            "skipped": torch.tensor(skipped),
         }
 
 
@@ -230,6 +243,8 @@ class DataFeed:
             "rrc": rrc,
             "new_dim": new_dim if new_dim is not None else src["new_dim"],
             "bicubic": src["bicubic"],
+            "size": None,  # (H, W) every record must have, else it is skipped (_check_sizes)
+            "size_from": "",
         }
         self.name, self.batch_size, self.seed, self.channels = lp.name, src["batch"], seed, channels
         self.device = torch.device(device)
@@ -245,24 +260,30 @@ class DataFeed:
             device=device,
             layer=lp.name,
         )
-        self._check_first_record()
+        self.meta = read_meta(recs.source) if not recs.is_list else None
+        self._check_first_record(mean, tp.mean_file)
+        self.labels: tuple[int, int | None, str] | None = None  # (classes, ignore_label, what): see check_labels
+        self.skipped = 0  # records skipped (unreadable or odd-sized) so far by next()
         self._pos = _rand_skip(lp, seed)
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
 
-    def _check_first_record(self) -> None:
+    def _check_first_record(self, mean: torch.Tensor | None, mean_file: str) -> None:
         """Record 0 through decode and crop now, so a setup error (float_data Datums, a crop larger than the
         images) is one clear error instead of 64 'unreadable record' warnings; a corrupt record 0 is left to
-        the feed, which skips it as any other."""
+        the feed, which skips it as any other. Also sets the size every record must have (_check_sizes)."""
         ds = self._ds
         try:
             img, _ = ds.image(0)
         except Unsupported as e:
             raise ValueError(f"layer '{self.name}': {ds.recs.source}: {e}") from None
         except SKIPPED:
-            return
+            img = None
         finally:
             ds.recs.close()  # workers open their own environments
+        self._check_sizes(img, mean, mean_file)
+        if img is None:
+            return
         h, w = img.shape[:2]
         crop = ds.cfg["crop"]
         if crop and not ds.cfg["rrc"] and (h < crop or w < crop):
@@ -270,6 +291,16 @@ class DataFeed:
             raise ValueError(
                 f"layer '{self.name}': crop_size {crop} is larger than the images of {ds.recs.source} ({record})"
             )
+
+    def _check_sizes(self, img: np.ndarray | None, mean: np.ndarray | None, mean_file: str) -> None:
+        """The size every record must have (records.py check_sizes)."""
+        check_sizes(self.name, self._ds.recs.source, self._ds.cfg, self.batch_size, self.meta, img, mean, mean_file)
+
+    def check_labels(self, classes: int, ignore: int | None, what: str) -> None:
+        """Labels must lie in [0, classes) (or be ``ignore``): the build's label range (META_NAME) is checked
+        now, each batch's labels by next() -- one line naming the DB and the record, not an IndexError."""
+        self.labels = (classes, ignore, what)
+        check_meta_labels(self.name, self._ds.recs.source, self.meta, classes, ignore, what)
 
     # -- positions -----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -305,6 +336,11 @@ class DataFeed:
 
     def _finish(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 NCHW batch -> float32 NCHW on the device, mean-subtracted then scaled."""
+        if "error" in b:
+            raise ValueError(b["error"])
+        self.skipped += int(b["skipped"])
+        if self.labels is not None:
+            check_batch_labels(self._ds.recs.source, b["label"], b["index"], *self.labels)
         nb = self.device.type == "cuda"
         x = self._transform(b["data"].to(self.device, non_blocking=nb), b["geo"])
         label = b["label"].to(self.device, non_blocking=nb)
@@ -317,15 +353,16 @@ class DataFeed:
             self._loader = self._make_loader(_Positions(self._pos, self.batch_size))
             self._it = iter(self._loader)
         b = next(self._it)
+        out = self._finish(b)
         self._pos += len(b["label"])
-        return self._finish(b)
+        return out
 
     def epoch(self, epoch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass over this rank's share of ``epoch`` (default: the current one); state unchanged."""
         s = self._ds.share_size()
         e = self._pos // self._ds.share_size(stream=True) if epoch is None else epoch
         for b in self._make_loader(_Positions(e * s, self.batch_size, stop=(e + 1) * s)):
-            if len(b["label"]):  # a batch of only unreadable records has nothing to score
+            if "error" in b or len(b["label"]):  # a batch of only unreadable records has nothing to score
                 yield self._finish(b)
 
     def _stop(self) -> None:

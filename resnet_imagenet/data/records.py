@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 SKIPPED = (ValueError, KeyError, OSError, DecodeError, cv2.error)
 
 
+class DataError(Exception):
+    """A fault of the whole source (a corrupt LMDB, too many bad records): training stops with this one line."""
+
+
 class Unsupported(ValueError):
     """A record the loader cannot use by design (not corrupt): on record 0 it is a setup error."""
 
@@ -46,11 +50,15 @@ class Records:
             self.n = len(items)
         else:
             env = open_lmdb(source)
-            self.n = env.stat()["entries"]
-            with env.begin() as txn:
-                if not self._dense(txn):
-                    self.keys = np.array(list(txn.cursor().iternext(values=False)))
-            close_lmdb(source)
+            try:
+                self.n = env.stat()["entries"]
+                with env.begin() as txn:
+                    if not self._dense(txn):
+                        self.keys = np.array(list(txn.cursor().iternext(values=False)))
+            except lmdb.Error as e:
+                raise ValueError(f"{source}: the LMDB is corrupt ({e}); rebuild it") from None
+            finally:
+                close_lmdb(source)
         if self.n == 0:
             raise ValueError(f"{source}: no records")
 
@@ -77,13 +85,16 @@ class Records:
     def raw(self, i: int) -> bytes:
         if self._env is None or self._pid != os.getpid():  # lazily, once per worker process
             self._env, self._pid = open_lmdb(self.source), os.getpid()
-        with self._env.begin(buffers=False) as txn:
-            if self.keys is not None:
-                val = txn.get(bytes(self.keys[i]))
-            else:
-                cur = txn.cursor()
-                prefix = b"%08d_" % i
-                val = cur.value() if cur.set_range(prefix) and cur.key().startswith(prefix) else None
+        try:
+            with self._env.begin(buffers=False) as txn:
+                if self.keys is not None:
+                    val = txn.get(bytes(self.keys[i]))
+                else:
+                    cur = txn.cursor()
+                    prefix = b"%08d_" % i
+                    val = cur.value() if cur.set_range(prefix) and cur.key().startswith(prefix) else None
+        except lmdb.Error as e:  # smashed pages: the B-tree itself, not one record
+            raise DataError(f"{self.source}: the LMDB is corrupt at record {i} ({e}); rebuild it") from None
         if val is None:
             raise KeyError(f"record {i} missing")
         return val

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resnet_imagenet.data.db import read_classes
 from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
@@ -51,6 +52,18 @@ def load_labels(path: str | os.PathLike | None, num_classes: int) -> list[str]:
         if num_classes != 1000:
             return [f"class {i}" for i in range(num_classes)]
         path = default_labels_path()
+    if Path(path).is_dir():  # an LMDB folder: the class list built with it (data/db.py read_classes)
+        names = read_classes(path)
+        if names is None:
+            raise ValueError(f"{path}: a DB without a class list (built from a list file?)")
+    else:
+        names = _read_names(path)
+    if len(names) != num_classes:
+        log.warning("%s: %d class names for a net with %d outputs", path, len(names), num_classes)
+    return names + [f"class {i}" for i in range(len(names), num_classes)]
+
+
+def _read_names(path: str | os.PathLike) -> list[str]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -60,9 +73,7 @@ def load_labels(path: str | os.PathLike | None, num_classes: int) -> list[str]:
             raise ValueError(f"{path}:{i}: empty class name")
         m = _WNID.match(line)
         names.append(m.group(1) if m else line.strip())
-    if len(names) != num_classes:
-        log.warning("%s: %d class names for a net with %d outputs", path, len(names), num_classes)
-    return names + [f"class {i}" for i in range(len(names), num_classes)]
+    return names
 
 
 def parse_mean(mean: str | os.PathLike | None, channels: int) -> np.ndarray | None:
@@ -166,7 +177,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="deploy prototxt")
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument("--mean", default=None, help="mean.binaryproto, or per-channel values such as 104,117,123")
-    labels_help = "synset_words.txt or a class list, one name per line (default: the shipped ImageNet-1k list for "
+    labels_help = (
+        "synset_words.txt, a class list (one name per line) or an LMDB built from class folders "
+        "(default: the shipped ImageNet-1k list for "
+    )
     p.add_argument("--labels", default=None, help=labels_help + "1000-class nets)")
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
     p.add_argument(

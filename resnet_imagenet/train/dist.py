@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from resnet_imagenet.net import layers as L
+from resnet_imagenet.train.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Procs:
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
     gpu_ids: list[int] | None = None  # the CUDA ids of this machine's processes (parse_gpus); None: CPU
+    heartbeat: Heartbeat | None = None  # the peer watchdog of a multi-process run (heartbeat.py)
 
     @property
     def distributed(self) -> bool:
@@ -123,12 +125,27 @@ def init_procs(gpu: str | None) -> Procs:
         torch.cuda.set_device(device)
     procs = Procs(rank, local_rank, world, local_world, device, ids)
     if procs.distributed and not dist.is_initialized():
-        # Rank 0 tests alone (as Caffe's root solver) while the others wait: allow a long test pass.
-        timeout = datetime.timedelta(minutes=int(os.environ.get("RESNET_IMAGENET_DIST_TIMEOUT_MIN", "60")))
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timeout, **kw)
+        dist.init_process_group(backend, timeout=pg_timeout(), **kw)
+        procs.heartbeat = Heartbeat.connect(rank, world)
+        if procs.heartbeat is not None:
+            procs.heartbeat.start()
     return procs
+
+
+PG_TIMEOUT_ENV, PG_TIMEOUT_S = "RESNET_IMAGENET_PG_TIMEOUT", 1800
+
+
+def pg_timeout() -> datetime.timedelta:
+    """The process-group timeout: RESNET_IMAGENET_PG_TIMEOUT seconds (default 30 min; the older
+    RESNET_IMAGENET_DIST_TIMEOUT_MIN in minutes still counts). Rank 0 tests alone (as Caffe's root solver)
+    while the others wait in a collective, so it must outlast a TEST pass; a frozen peer is caught sooner,
+    by the heartbeats (RESNET_IMAGENET_PEER_TIMEOUT, heartbeat.py)."""
+    e = os.environ
+    if PG_TIMEOUT_ENV not in e and "RESNET_IMAGENET_DIST_TIMEOUT_MIN" in e:
+        return datetime.timedelta(minutes=float(e["RESNET_IMAGENET_DIST_TIMEOUT_MIN"]))
+    return datetime.timedelta(seconds=float(e.get(PG_TIMEOUT_ENV, PG_TIMEOUT_S)))
 
 
 def check_procs(gpu: str | None) -> Procs:
@@ -155,6 +172,9 @@ def close_procs(procs: Procs, clean: bool = True) -> None:
     if procs.distributed and dist.is_initialized():
         if clean:
             dist.barrier()  # no process leaves while rank 0 still tests or snapshots
+        if procs.heartbeat is not None:
+            procs.heartbeat.stop()
+            procs.heartbeat = None
         dist.destroy_process_group()
 
 

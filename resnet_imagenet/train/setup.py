@@ -229,6 +229,7 @@ def build_feeds(
             order=order,
         )
         out.append((feed, list(lp.top)))
+        _label_checks(net, feed, list(lp.top))
     # HDF5Data / DummyData fill their own tops at each forward (net/layers/data.py): no DataFeed for them
     self_fed = [lp for lp in net.layer_params if getattr(net.layers[lp.name], "feeds_itself", False)]
     if not out and not self_fed:
@@ -236,6 +237,18 @@ def build_feeds(
             f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no data layer (Data, ImageData, HDF5Data)"
         )
     return Feeds(out, sum(net.blob_shapes[lp.top[0]][0] for lp in self_fed if lp.top))
+
+
+def _label_checks(net: CaffeNet, feed: DataFeed, tops: list[str]) -> None:
+    """The classes a feed's labels index: the class axis of the scores its label meets in a SoftmaxWithLoss
+    or Accuracy layer (the classifier's num_output)."""
+    for lp in net.layer_params:
+        if lp.type in ("SoftmaxWithLoss", "Accuracy") and len(lp.bottom) > 1 and lp.bottom[1] in tops:
+            param = lp.loss_param if lp.type == "SoftmaxWithLoss" else lp.accuracy_param
+            ignore = param.ignore_label if param.HasField("ignore_label") else None
+            classes = net.blob_shapes[lp.bottom[0]][1]
+            feed.check_labels(classes, ignore, f"layer '{lp.name}' ({classes} classes in '{lp.bottom[0]}')")
+            return
 
 
 def learnables(net: CaffeNet) -> list[Learnable]:
