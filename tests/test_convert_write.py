@@ -402,3 +402,28 @@ def test_a_folder_not_in_the_class_list_is_refused_in_one_line(classes_root, tmp
                          progress=False)  # fmt: skip
     assert s.written == 1 and s.skipped == [(names[1], f"label 2 outside the 2 classes of {tmp_path / 'two.txt'}")]
     assert read_classes(listdb) == ["cat", "dog"]
+
+
+def test_list_and_class_files_of_random_bytes_give_items_or_one_line(tmp_path):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from resnet_imagenet.data.imagelist import read_class_file, read_list
+
+    f = tmp_path / "f.txt"
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+    def check(data: bytes) -> None:
+        f.write_bytes(data)
+        items, bad = read_list(f)
+        assert all(isinstance(n, str) and n and isinstance(lab, int) for n, lab in items)
+        assert all(w.startswith(f"{f}:") for w, _ in bad)
+        try:
+            names = read_class_file(f)
+        except ValueError as e:
+            assert str(e).startswith(str(f)) and "\n" not in str(e)
+        else:
+            assert names and len(set(names)) == len(names) and all(n and not any(c.isspace() for c in n) for n in names)
+
+    check()

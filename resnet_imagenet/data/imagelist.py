@@ -70,14 +70,17 @@ def read_class_file(path: str | os.PathLike) -> list[str]:
     """A class list file, one class a line in label order: the first word of each line (ILSVRC's synsets.txt,
     synset_words.txt, a DB's classes.txt); blank lines are skipped."""
     names: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.split():
-                continue
-            name = line.split()[0]
-            if name in names:
-                raise ValueError(f"{path}:{n}: class {name!r} listed twice (first on line {names[name]})")
-            names[name] = n
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.split():
+            continue
+        name = line.split()[0]
+        if name in names:
+            raise ValueError(f"{path}:{n}: class {name!r} listed twice (first on line {names[name]})")
+        names[name] = n
     if not names:
         raise ValueError(f"{path}: no class names in it")
     return list(names)
