@@ -70,5 +70,11 @@ def test_refuses_to_overwrite(tmp_path, capsys) -> None:
     assert cli.main(["demo_data", str(root), "--train-per-class", "1", "--val-per-class", "1"]) == 1
     assert "not empty" in capsys.readouterr().err
     assert (root / "mine.txt").read_text() == "keep me"
-    assert cli.main(["demo_data", str(root), "--train-per-class", "1", "--val-per-class", "1", "--overwrite"]) == 0
-    assert not (root / "mine.txt").exists() and len(list(root.rglob("*.jpg"))) == 20
+    # --overwrite replaces only an earlier demo dataset, never a folder of the user's (issue 13)
+    assert cli.main(["demo_data", str(root), "--train-per-class", "1", "--val-per-class", "1", "--overwrite"]) == 1
+    assert "'mine.txt', which is no part of a demo dataset" in capsys.readouterr().err
+    assert (root / "mine.txt").read_text() == "keep me"
+    (root / "mine.txt").unlink()
+    write_demo_dataset(root, train_per_class=1, val_per_class=1)
+    assert cli.main(["demo_data", str(root), "--train-per-class", "2", "--val-per-class", "1", "--overwrite"]) == 0
+    assert len(list(root.rglob("*.jpg"))) == 30

@@ -135,7 +135,7 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
 def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "prune_report.json").write_text("old")  # an earlier prune's folder: --force may replace it
     extra = ["--speedup", "1.5", "--force"]
     weights = tiny / "w.caffemodel"
     data = tiny / "train_lmdb"
@@ -160,7 +160,7 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
             "--mean", str(tiny / "mean.binaryproto"), "--out", str(out), "--images", "8", *extra]  # fmt: skip
     assert main(args) == 1
     assert message in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # untouched, no temporary left beside it
+    assert [p.name for p in out.iterdir()] == ["prune_report.json"]  # untouched, no temporary left beside it
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
 
 

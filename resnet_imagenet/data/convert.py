@@ -26,8 +26,9 @@ from resnet_imagenet._version import __version__
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
-from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
+from resnet_imagenet.data.imagelist import classes_path, escapes_root, in_range, read_list, walk_classes
 from resnet_imagenet.data.pool import default_jobs, run_ordered
+from resnet_imagenet.data.target import class_list, count_records, lmdb_target
 from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
 
@@ -214,24 +215,28 @@ def build_db(
     keys: Callable[[int, str], int] | None = None,
     progress: bool = True,
     map_size: int = 1 << 30,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Summary:
     """Write the Datums of ``tasks`` (in order) to a new LMDB ``db``; return what happened.
 
     ``keys(i, name)`` may give the record number of the i-th written image (default: i).
-    Raises ValueError when nothing was written, or with ``strict`` when anything was skipped.
+    Raises ValueError when nothing was written, or with ``strict`` when anything was skipped; FileExistsError
+    when ``db`` exists without ``overwrite`` (also when another run made it meanwhile), or is no LMDB, or
+    is or holds a ``protect`` path (the inputs).
     """
     db = Path(db)
-    if db.exists() and not overwrite:
-        raise FileExistsError(f"{db} already exists (pass --overwrite to replace it)")
+    check = lmdb_target(db, overwrite, protect)
     summary = Summary(skipped=skipped if skipped is not None else [])  # the caller may append while streaming
     for f, reason in summary.skipped:
         log.warning("%s: skipped: %s", f, reason)
     t0 = time.time()
     try:
         # SIGINT / SIGTERM raise Interrupted: the workers are killed, the temporary DB removed (create_lmdb)
-        with interruptible(), create_lmdb(db, append=keys is None, map_size=map_size) as out:
+        with interruptible(), create_lmdb(db, append=keys is None, map_size=map_size, overwrite=overwrite,
+                                          check=check) as out:  # fmt: skip
             _write(out, tasks, opts, summary, keys, jobs, tqdm(total=total, unit="img", disable=not progress,
                                                                desc=db.name, smoothing=0.05))  # fmt: skip
+            summary.written = count_records(out, db, summary.written)
             _check(db, summary, strict)
             atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
             if (meta or {}).get("classes"):  # inside the DB folder: renamed into place with the records
@@ -257,16 +262,24 @@ def convert_imageset(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = True,
+    classes: str | os.PathLike | None = None,
+    classes_from: str | os.PathLike | None = None,
 ) -> Summary:
-    """Caffe's convert_imageset: ROOT + LISTFILE (or ROOT/<class>/ folders) -> LMDB ``db``."""
+    """Caffe's convert_imageset: ROOT + LISTFILE (or ROOT/<class>/ folders) -> LMDB ``db``.
+
+    ``classes`` (a class file) or ``classes_from`` (a DB): label ROOT's folders by that list, recorded in the DB.
+    """
     opts = opts or ConvertOptions()
     if not Path(root).is_dir():
         raise NotADirectoryError(f"{root}: not a folder")
+    given = class_list(classes, classes_from)
     if listfile is not None:
         items, bad = read_list(listfile)
-        classes = None
+        classes = given and given[0]
+        if given:
+            items, bad = in_range(items, bad, *given)
     else:
-        items, classes = walk_classes(root)
+        items, classes = walk_classes(root, *(given or (None,)))
         bad = []
     if shuffle:
         random.Random(seed).shuffle(items)  # caffe: --shuffle shuffles the list before writing
@@ -291,6 +304,7 @@ def convert_imageset(
         overwrite=overwrite,
         strict=strict,
         progress=progress,
+        protect=[p for p in (root, listfile) if p is not None],
     )
     if classes is not None:
         # the old place beside the DB, still written for existing scripts; readers take the DB's own

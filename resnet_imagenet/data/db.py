@@ -105,13 +105,16 @@ def read_classes(path: str | os.PathLike) -> list[str] | None:
 
 
 @contextlib.contextmanager
-def create_lmdb(path: str | os.PathLike, *, append: bool = True, map_size: int = 1 << 30) -> Iterator[LmdbWriter]:
+def create_lmdb(
+    path: str | os.PathLike, *, append: bool = True, map_size: int = 1 << 30, **atomic_kw
+) -> Iterator[LmdbWriter]:
     """A new LMDB at ``path``, built in a temporary folder beside it (``writer.folder``, where extra files
     may go too) and renamed onto ``path`` when the block succeeds; on an exception nothing is left behind.
 
-    ``append``: keys come in sorted order (LMDB's MDB_APPEND, the fast path).
+    ``append``: keys come in sorted order (LMDB's MDB_APPEND, the fast path). ``atomic_kw`` (overwrite,
+    check) go to util.atomic.atomic_path.
     """
-    with atomic_path(path, is_dir=True) as tmp:
+    with atomic_path(path, is_dir=True, **atomic_kw) as tmp:
         # no fsync per commit: the DB is under a temporary name until env.sync(True) below
         env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
         try:

@@ -7,10 +7,12 @@ ilsvrc12 convention: the index of the synset among the 1000 sorted synset ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,25 +106,71 @@ def read_val_labels(
     return out
 
 
-def _train_items(tar_path: Path, index: dict[str, int], opts: ConvertOptions, bad: list) -> Iterator[tuple]:
-    with tarfile.open(tar_path, mode="r|") as outer:  # streaming: one pass, no seeks
+MAX_MEMBER_MB = 64  # an image member over this is skipped unread (the largest ILSVRC2012 JPEG is under 16 MB)
+
+
+@contextlib.contextmanager
+def _tar_errors(path: str) -> Iterator[None]:
+    """A tar that ends early or is no tar -> one line naming it (ValueError), not tarfile's traceback."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: truncated or not a tar ({e})") from None
+
+
+def _skip(bad: list, where: str, reason: str) -> None:
+    bad.append((where, reason))
+    log.warning("%s: skipped: %s", where, reason)
+
+
+def _kind(m: tarfile.TarInfo) -> str:
+    return "a symlink" if m.issym() else "a hard link" if m.islnk() else "a folder" if m.isdir() else "not a file"
+
+
+def _image(tar: tarfile.TarFile, m: tarfile.TarInfo, where: str, seen: set, max_bytes: int, bad: list):
+    """The bytes of image member ``m``, or None (skipped: not a regular file, a name seen before, too large)."""
+    if not m.isfile():
+        if not m.isdir():
+            _skip(bad, where, f"not a regular file ({_kind(m)})")
+        return None
+    name = m.name.rsplit("/", 1)[-1]
+    if name in seen:
+        _skip(bad, where, "duplicate member name (the first one is kept)")
+        return None
+    seen.add(name)
+    if m.size > max_bytes:
+        _skip(bad, where, f"too large: {m.size} bytes (over --max-member-mb {max_bytes >> 20})")
+        return None
+    return tar.extractfile(m).read()
+
+
+def _train_items(
+    tar_path: Path, index: dict[str, int], opts: ConvertOptions, bad: list, max_bytes: int
+) -> Iterator[tuple]:
+    done: set[str] = set()
+    with _tar_errors(str(tar_path)), tarfile.open(tar_path, mode="r|") as outer:  # streaming: one pass, no seeks
         for m in outer:
             synset = m.name.rsplit("/", 1)[-1].removesuffix(".tar")
-            if not m.isfile() or not m.name.endswith(".tar") or synset not in index:
-                bad.append((f"{tar_path}:{m.name}", "not a synset tar"))
-                log.warning("%s:%s: skipped: not a synset tar", tar_path, m.name)
+            where = f"{tar_path}:{m.name}"
+            if not m.isfile():
+                _skip(bad, where, f"not a synset tar ({_kind(m)})")
                 continue
-            with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
+            if not m.name.endswith(".tar") or synset not in index or synset in done:
+                _skip(bad, where, "a second tar of this synset" if synset in done else "not a synset tar")
+                continue
+            done.add(synset)
+            seen: set[str] = set()
+            with _tar_errors(where), tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
                 for im in inner:
-                    if im.isfile():
-                        name = f"{synset}/{im.name.rsplit('/', 1)[-1]}"
-                        yield name, index[synset], inner.extractfile(im).read(), opts
+                    buf = _image(inner, im, f"{where}/{im.name}", seen, max_bytes, bad)
+                    if buf is not None:
+                        yield f"{synset}/{im.name.rsplit('/', 1)[-1]}", index[synset], buf, opts
 
 
 def _list_train(tar_path: Path) -> list[str]:
     """Every 'synset/file' of the train tar, reading headers only (seeks over the image data)."""
     names = []
-    with tarfile.open(tar_path, mode="r:") as outer:
+    with _tar_errors(str(tar_path)), tarfile.open(tar_path, mode="r:") as outer:
         for m in outer:
             if m.isfile() and m.name.endswith(".tar"):
                 synset = m.name.rsplit("/", 1)[-1].removesuffix(".tar")
@@ -131,22 +179,25 @@ def _list_train(tar_path: Path) -> list[str]:
     return names
 
 
-def _val_items(tar_path: Path, labels: dict[str, int], opts: ConvertOptions, bad: list) -> Iterator[tuple]:
-    with tarfile.open(tar_path, mode="r|") as tar:
+def _val_items(
+    tar_path: Path, labels: dict[str, int], opts: ConvertOptions, bad: list, max_bytes: int
+) -> Iterator[tuple]:
+    seen: set[str] = set()
+    with _tar_errors(str(tar_path)), tarfile.open(tar_path, mode="r|") as tar:
         for m in tar:
-            if not m.isfile():
-                continue
             name = m.name.rsplit("/", 1)[-1]
-            if name not in labels:
-                bad.append((f"{tar_path}:{m.name}", "no label for this file"))
-                log.warning("%s:%s: skipped: no label for this file", tar_path, m.name)
+            if m.isfile() and name not in labels:
+                _skip(bad, f"{tar_path}:{m.name}", "no label for this file")
                 continue
-            yield name, labels[name], tar.extractfile(m).read(), opts
+            buf = _image(tar, m, f"{tar_path}:{m.name}", seen, max_bytes, bad)
+            if buf is not None:
+                yield name, labels[name], buf, opts
 
 
 def _build_train(
-    tar: Path, db: Path, names: list[str], in_tar: list[str], opts: ConvertOptions, meta: dict, **build_kw
-) -> Summary:
+    tar: Path, db: Path, names: list[str], in_tar: list[str], opts: ConvertOptions, meta: dict, max_bytes: int,
+    **build_kw,
+) -> Summary:  # fmt: skip
     """The train tar (holding the synset tars ``in_tar``, sorted) -> ``db``, labels by ``names``."""
     bad: list = []
     keys = total = None
@@ -157,15 +208,17 @@ def _build_train(
         keys, total = (lambda _i, name: pos[name]), len(listed)
     elif in_tar == sorted(standard_synsets()):
         total = ILSVRC2012_TRAIN_IMAGES  # counting would read every image's header: 1.28M seeks
-    items = _train_items(tar, {s: i for i, s in enumerate(names)}, opts, bad)
+    items = _train_items(tar, {s: i for i, s in enumerate(names)}, opts, bad, max_bytes)
     meta = {**meta, "source": str(tar)}
     return build_db(items, db, opts, total=total, keys=keys, skipped=bad, meta=meta, **build_kw)
 
 
-def _build_val(tar: Path, db: Path, labels: dict[str, int], opts: ConvertOptions, meta: dict, **build_kw) -> Summary:
+def _build_val(
+    tar: Path, db: Path, labels: dict[str, int], opts: ConvertOptions, meta: dict, max_bytes: int, **build_kw
+) -> Summary:
     """The val tar -> ``db``, in the tar's order (never shuffled)."""
     bad: list = []
-    items = _val_items(tar, labels, opts, bad)
+    items = _val_items(tar, labels, opts, bad, max_bytes)
     meta = {**meta, "source": str(tar), "shuffle": False}
     return build_db(items, db, opts, total=len(labels), skipped=bad, meta=meta, **build_kw)
 
@@ -181,26 +234,33 @@ def convert_imagenet(
     opts: ConvertOptions | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    max_member_mb: int = MAX_MEMBER_MB,
     **build_kw,
 ) -> dict[str, Summary]:
     """Stream the ILSVRC2012 tars into OUT/ilsvrc12_train_lmdb and OUT/ilsvrc12_val_lmdb.
 
-    ``build_kw`` goes to build_db (jobs, overwrite, strict, progress).
+    ``build_kw`` goes to build_db (jobs, overwrite, strict, progress). An image member over ``max_member_mb``
+    MiB is skipped unread; so are links and other non-files, and a name seen before.
     """
     opts = opts or ConvertOptions()
     out = Path(out)
     in_tar = None
     if train_tar is not None:
-        with tarfile.open(train_tar, mode="r:") as t:  # the synset tars' names (1000 headers, seeks over the data)
-            in_tar = sorted(n.rsplit("/", 1)[-1].removesuffix(".tar") for n in t.getnames() if n.endswith(".tar"))
+        # the synset tars' names (1000 headers, seeks over the data); a link named like one is no class
+        with _tar_errors(str(train_tar)), tarfile.open(train_tar, mode="r:") as t:
+            tars = [m.name.rsplit("/", 1)[-1] for m in t.getmembers() if m.isfile() and m.name.endswith(".tar")]
+            in_tar = sorted({n.removesuffix(".tar") for n in tars})
     names = (read_synsets(synsets) if synsets else None) or in_tar or standard_synsets()
     meta = {"classes": names, "shuffle": shuffle, "seed": seed}
     result = {}
+    cap = max_member_mb << 20
+    protect = [p for p in (train_tar, val_tar) if p is not None]
     if train_tar is not None:
-        result["train"] = _build_train(Path(train_tar), out / TRAIN_DB, names, in_tar, opts, meta, **build_kw)
+        db = out / TRAIN_DB
+        result["train"] = _build_train(Path(train_tar), db, names, in_tar, opts, meta, cap, protect=protect, **build_kw)
     if val_tar is not None:
         labels = read_val_labels(val_labels, names, devkit_meta)
-        result["val"] = _build_val(Path(val_tar), out / VAL_DB, labels, opts, meta, **build_kw)
+        result["val"] = _build_val(Path(val_tar), out / VAL_DB, labels, opts, meta, cap, protect=protect, **build_kw)
     if not result:
         raise ValueError("give --train-tar and/or --val-tar")
     atomic_write_text(out / SYNSETS, "".join(s + "\n" for s in names))

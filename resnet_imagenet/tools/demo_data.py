@@ -24,13 +24,15 @@ import cv2
 import numpy as np
 
 from resnet_imagenet.tools import add_command
-from resnet_imagenet.util.atomic import atomic_path
+from resnet_imagenet.tools._flags import add_overwrite_flag
+from resnet_imagenet.util.atomic import atomic_path, check_replaceable
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("checkerboard", "cross", "disc", "dots", "frame", "grid", "ring", "square", "stripes", "triangle")  # sorted
 _TEXTURES = ("checkerboard", "dots", "grid", "stripes")
 _SPLITS = {"train": 0, "val": 1}
+DEMO_NAMES = (*_SPLITS, *(f"{s}.txt" for s in _SPLITS), "labels.txt", "manifest.json")  # all that OUTDIR holds
 _SS = 2  # supersampling of shape masks, for anti-aliased edges
 
 
@@ -189,8 +191,9 @@ def write_demo_dataset(
     Returns the manifest (also written as ``root/manifest.json``): classes, counts, seed and sizes.
     """
     root = Path(root)
-    if root.exists() and any(root.iterdir()) and not overwrite:
+    if root.exists() and (not root.is_dir() or any(root.iterdir())) and not overwrite:
         raise FileExistsError(f"{root} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    check_replaceable(root, "demo dataset", DEMO_NAMES, required=["manifest.json"])
     if not 8 <= min_size <= max_size:
         raise ValueError(f"need 8 <= min_size <= max_size, got {min_size}, {max_size}")
     with atomic_path(root, is_dir=True) as tmp:
@@ -222,7 +225,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             f"--{flag.replace('_', '-')}", type=int, default=defaults[flag], help=f"default {defaults[flag]}"
         )
-    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists")
+    add_overwrite_flag(p, "OUTDIR if it is an earlier demo dataset (holding only what demo_data writes)")
     p.set_defaults(func=run)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from resnet_imagenet.tools import _flags, add_command
+from resnet_imagenet.util.atomic import check_replaceable
 
 if TYPE_CHECKING:
     import torch
@@ -91,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d["seed"])
     _flags.add_gpu_flag(p, default="CPU")
     p.add_argument("--device", help=argparse.SUPPRESS)  # deprecated: a torch device (cpu, cuda); use --gpu
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _flags.add_overwrite_flag(p, "the --out folder of an earlier prune (holding only the files prune writes)")
     p.add_argument(
         "--filter-input",
         action="store_true",
@@ -118,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     def sample(layer: caffe_pb2.LayerParameter, n: int, seed: int) -> torch.Tensor:
         return load_images(layer, args.data, args.mean, n, seed)
 
+    if args.overwrite:  # only an earlier prune's folder, never one holding the inputs
+        name = Path(args.out).name
+        ours = ("train_val.prototxt", "deploy.prototxt", f"{name}_pruned.caffemodel", f"{name}_solver.prototxt")
+        check_replaceable(args.out, "prune output", (*ours, "prune_report.json"), required=["prune_report.json"],
+                          protect=[args.model, args.weights, args.data])  # fmt: skip
     report = prune_run(
         args.model,
         args.weights,
@@ -132,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch=args.batch,
         device=_device(args),
-        force=args.force,
+        force=args.overwrite,
         filter_input=args.filter_input,
     )
     print(format_report(report))
