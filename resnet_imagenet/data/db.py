@@ -77,6 +77,33 @@ class LmdbWriter:
         self._pending = []
 
 
+def close_key_holes(path: str | os.PathLike) -> int:
+    """Renumber the LMDB at ``path`` so its ``%08d_`` keys run 0..n-1 again; returns the records moved.
+
+    A build that fixes every record's number up front (convert_imagenet --shuffle) leaves a hole for
+    each image it then skips, and a DB with holes loses the loader's dense fast path. Each record
+    numbered n or more takes the lowest free number below n (same name after the number), in one write
+    transaction: all moved or none.
+    """
+    env = lmdb.open(str(path), map_size=os.path.getsize(Path(path) / "data.mdb") * 2 + (1 << 20), max_dbs=0)
+    try:
+        with env.begin(write=True) as txn:
+            n = txn.stat()["entries"]
+            keys = list(txn.cursor().iternext(values=False))
+            taken = {int(k[:8]) for k in keys if k[:8].isdigit() and int(k[:8]) < n}
+            holes = (i for i in range(n) if i not in taken)
+            moved = 0
+            for k in (k for k in keys if not (k[:8].isdigit() and int(k[:8]) < n)):
+                value = txn.get(k)
+                txn.delete(k)
+                txn.put(b"%08d_%s" % (next(holes), k[9:] if k[:8].isdigit() else k), value)
+                moved += 1
+        env.sync(True)
+    finally:
+        env.close()
+    return moved
+
+
 def read_meta(path: str | os.PathLike) -> dict | None:
     """The META_NAME JSON inside DB folder ``path`` (None for a DB without one, e.g. built by Caffe)."""
     f = Path(path) / META_NAME

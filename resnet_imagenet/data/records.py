@@ -18,6 +18,7 @@ from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import datum_to_array, parse_datum
 from resnet_imagenet.data.db import close_lmdb, open_lmdb
 from resnet_imagenet.data.imagelist import read_list
+from resnet_imagenet.data.lmdbkeys import lmdb_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class Records:
             try:
                 self.n = env.stat()["entries"]
                 with env.begin() as txn:
-                    if not self._dense(txn):
-                        self.keys = np.array(list(txn.cursor().iternext(values=False)))
+                    dense = self._dense(txn)
+                if not dense:  # keys written by another tool, or a deleted record: the keys alone, O(keys)
+                    self.keys = lmdb_keys(env, source)
             except lmdb.Error as e:
                 raise ValueError(f"{source}: the LMDB is corrupt ({e}); rebuild it") from None
             finally:
