@@ -162,12 +162,7 @@ def _build_train(
     meta = {**meta, "source": str(tar)}
     summary = build_db(items, db, opts, total=total, keys=keys, skipped=bad, meta=meta, **build_kw)
     if keys is not None and close_key_holes(db):  # a skipped image left its number free
-        log.info(
-            "%s: renumbered the records after %d skipped inputs (keys 0..%d)",
-            db,
-            len(summary.skipped),
-            summary.written - 1,
-        )
+        log.info("%s: renumbered past %d skipped inputs", db, len(summary.skipped))
     return summary
 
 
