@@ -36,3 +36,18 @@ def resident(path: os.PathLike) -> tuple[int, int]:
     if rc:
         raise OSError(ctypes.get_errno(), "mincore")
     return int((vec & 1).sum()), n
+
+
+def mapped(path: os.PathLike) -> dict[str, int]:
+    """kB of this process's maps of ``path`` by /proc/self/smaps field (Rss, Shared_Clean, Private_Dirty, ...)."""
+    out: dict[str, int] = {}
+    inside = False
+    target = os.path.realpath(path)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and not parts[0].endswith(":"):  # a mapping's header line
+                inside = len(parts) >= 6 and parts[-1] == target
+            elif inside and parts[0].endswith(":") and len(parts) == 3 and parts[2] == "kB":
+                out[parts[0][:-1]] = out.get(parts[0][:-1], 0) + int(parts[1])
+    return out
