@@ -116,11 +116,11 @@ def _ranges(db: str | os.PathLike, jobs: int, crop: int) -> list[tuple]:
     """The DB cut into key ranges, a few per job (keys alone: data/lmdbkeys.py)."""
     env = open_lmdb(db)
     try:
-        keys = [bytes(k) for k in lmdb_keys(env, db)]
+        keys = lmdb_keys(env, db)
     finally:
         close_lmdb(db)
     cuts = sorted({len(keys) * i // (jobs * 4) for i in range(jobs * 4)})
-    bounds = [keys[c] for c in cuts if c < len(keys)] + [None]
+    bounds = [bytes(keys[c]) for c in cuts if c < len(keys)] + [None]
     return [(str(db), a, b, crop) for a, b in zip(bounds[:-1], bounds[1:], strict=True)] or [
         (str(db), None, None, crop)
     ]
