@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from resnet_imagenet._version import __version__
 from resnet_imagenet.data import transform as T
+from resnet_imagenet.data.autojobs import run_auto
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, in_range, read_list, walk_classes
-from resnet_imagenet.data.pool import default_jobs, run_ordered
 from resnet_imagenet.data.target import class_list, count_records, lmdb_target
 from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
@@ -195,7 +195,7 @@ def _meta(summary: Summary, opts: ConvertOptions, extra: dict | None) -> str:
 def _write(out, tasks: Iterable[Task], opts, summary: Summary, keys, jobs: int | None, bar: tqdm) -> None:
     """The records of ``tasks`` into the open writer ``out``, decoded on ``jobs`` processes."""
     try:
-        for key, datum in _records(run_ordered(work, tasks, jobs or default_jobs()), opts, summary, keys, bar):
+        for key, datum in _records(run_auto(work, tasks, jobs), opts, summary, keys, bar):
             out.put(key, datum)
     finally:
         bar.close()

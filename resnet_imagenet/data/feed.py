@@ -5,13 +5,9 @@ resize, crop and mirror into uint8 NCHW batches; the main process copies them to
 (pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale
 (data/transform.py's DeviceTransform).
 
-Order (TRAIN Data layers; ``order=``): ``"keys"`` is Caffe's: the LMDB in key order, cycling, after
-skipping ``rand_skip`` records at random once (old DataLayer; drawn from the seed), and rank r of W
-takes the records r, r+W, r+2W, ... of that endless stream (caffe 1.0 data_layer.cpp Skip():
-``offset_ % solver_count == solver_rank``), so a rank's share shifts by epoch when W does not divide
-n, as in Caffe. ``"shuffle"`` draws a permutation per epoch from (seed, epoch) and rank r takes its
-positions r, r+W, ... (every rank n // W per epoch). TEST reads in key order. Batches follow the
-stream across epoch boundaries, as Caffe's DataLayer cycles, so every batch is full.
+Order (TRAIN Data layers; ``order=``): Caffe's key order or a seeded permutation per epoch, shared by
+rank (data/order.py). TEST reads in key order. Batches follow the stream across epoch boundaries, as
+Caffe's DataLayer cycles, so every batch is full.
 A sample's crop and mirror come from (seed, epoch, record index): resume == uninterrupted, for any
 number of workers.
 """
@@ -30,6 +26,7 @@ from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.db import read_meta
 from resnet_imagenet.data.feedcheck import check_batch_labels, check_meta_labels, check_sizes
 from resnet_imagenet.data.mean import load_mean
+from resnet_imagenet.data.order import Order, Positions, check_sharing, layer_source, rand_skip
 from resnet_imagenet.data.records import SKIPPED, DataError, Records, Unsupported
 from resnet_imagenet.data.shapes import layer_channels
 from resnet_imagenet.proto import caffe_pb2
@@ -38,37 +35,12 @@ from resnet_imagenet.proto.text import TRAIN, parse_phase
 log = logging.getLogger(__name__)
 
 
-class _Batches(torch.utils.data.Dataset):
+class _Batches(Order, torch.utils.data.Dataset):
     """Item (stream position, count) -> a uint8 batch; runs in the DataLoader workers."""
 
     def __init__(self, recs: Records, cfg: dict):
-        self.recs, self.cfg = recs, cfg
-        self._perm: dict[int, np.ndarray] = {}
-
-    def share_size(self, stream: bool = False) -> int:
-        """Images of one epoch for this rank. epoch() passes take every image once (shares differ by
-        one when W does not divide n); the endless stream gives every rank n // W, so ranks cross
-        epoch boundaries together and stay disjoint (the shuffle leaves out other images each epoch)."""
-        n, w = self.recs.n, self.cfg["world_size"]
-        if stream and n >= w:
-            return n // w
-        return len(range(self.cfg["rank"], n, w))
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm:
-            n = self.recs.n
-            perm = np.random.default_rng([self.cfg["seed"], epoch]).permutation(n) if self.cfg["shuffle"] else None
-            self._perm = {epoch: np.arange(n) if perm is None else perm}  # keep one epoch
-        return self._perm[epoch]
-
-    def index(self, pos: int, stream: bool) -> tuple[int, int]:
-        c = self.cfg
-        if stream and c["caffe_keys"]:  # caffe: the rank's pos-th record of the one cycling cursor
-            g = c["rank"] + pos * c["world_size"]
-            return g // self.recs.n, (c["skip"] + g) % self.recs.n
-        s = self.share_size(stream)
-        epoch, i = divmod(pos, s)
-        return epoch, int(self.order(epoch)[self.cfg["rank"] + i * self.cfg["world_size"]])
+        super().__init__(recs.n, cfg)
+        self.recs = recs
 
     def image(self, idx: int) -> tuple[np.ndarray, int]:
         """Record ``idx`` decoded (and resized to new_dim): the image the crop is taken from."""
@@ -143,63 +115,6 @@ class _Batches(torch.utils.data.Dataset):
         }
 
 
-class _Positions(torch.utils.data.Sampler):
-    def __init__(self, start: int, batch: int, stop: int | None = None):
-        self.start, self.batch, self.stop = start, batch, stop
-
-    def __iter__(self) -> Iterator[tuple[int, int, bool]]:
-        p = self.start
-        while self.stop is None or p < self.stop:
-            n = self.batch if self.stop is None else min(self.batch, self.stop - p)
-            yield (p, n, self.stop is None)  # (position, count, endless stream?)
-            p += n
-
-
-ORDERS = ("keys", "shuffle")
-
-
-def _source(lp: caffe_pb2.LayerParameter, phase: int, base: Path, order: str, seed: int) -> tuple[Records, dict]:
-    """A Data or ImageData layer's records and the reading settings of its parameter message."""
-    if order not in ORDERS:
-        raise ValueError(f"data order {order!r} is not one of {', '.join(ORDERS)}")
-    if lp.type == "Data":
-        dp = lp.data_param
-        if dp.HasField("backend") and dp.backend != caffe_pb2.DataParameter.LMDB:
-            raise ValueError(f"layer '{lp.name}': only backend LMDB is supported (convert LevelDBs to LMDB)")
-        recs = Records(base / dp.source, is_list=False)
-        keys = phase == TRAIN and order == "keys"
-        src = {"batch": dp.batch_size, "shuffle": phase == TRAIN and not keys, "bicubic": False, "new_dim": 0}
-        return recs, {**src, "caffe_keys": keys, "skip": 0}  # rand_skip: _rand_skip, for either order
-    if lp.type == "ImageData":
-        ip = lp.image_data_param
-        resize = (ip.new_height, ip.new_width)
-        recs = Records(base / ip.source, is_list=True, root=str(base / ip.root_folder), resize=resize)
-        src = {"batch": ip.batch_size, "shuffle": ip.shuffle, "bicubic": ip.bicubic, "new_dim": ip.new_dim}
-        return recs, {**src, "caffe_keys": False, "skip": 0}
-    raise ValueError(f"layer '{lp.name}': type {lp.type} is not a data layer the feed reads")
-
-
-def _rand_skip(lp: caffe_pb2.LayerParameter, seed: int) -> int:
-    """caffe: data_layer.cpp / image_data_layer.cpp -- skip a random number in [0, rand_skip) of records at the
-    start. Drawn from the seed, so every process skips the same number of its own records and the shares stay
-    disjoint (with N processes, N times as many records are skipped in all); resume keeps the position."""
-    n = lp.data_param.rand_skip if lp.type == "Data" else lp.image_data_param.rand_skip
-    if not n:
-        return 0
-    skip = int(np.random.default_rng([seed, 2]).integers(0, n))
-    log.info("layer '%s': Skipping first %d data points.", lp.name, skip)
-    return skip
-
-
-def _check_sharing(layer: str, recs: Records, batch: int, rank: int, world_size: int) -> None:
-    if batch <= 0:
-        raise ValueError(f"layer '{layer}': batch_size must be positive")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world_size {world_size}")
-    if world_size > recs.n:
-        raise ValueError(f"{recs.source}: {recs.n} records cannot be shared by {world_size} ranks")
-
-
 class DataFeed:
     """Batches for one Data / ImageData layer: ``data, label = feed.next()`` (see module doc)."""
 
@@ -223,8 +138,8 @@ class DataFeed:
         phase = parse_phase(phase)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         lp, tp = layer_param, layer_param.transform_param
-        recs, src = _source(lp, phase, base, order, seed)
-        _check_sharing(lp.name, recs, src["batch"], rank, world_size)
+        recs, src = layer_source(lp, phase, base, order)
+        check_sharing(lp.name, recs.source, recs.n, src["batch"], rank, world_size)
         rrc = bool(random_resized_crop and phase == TRAIN)
         if rrc and not tp.crop_size:
             raise ValueError(f"layer '{lp.name}': random_resized_crop needs crop_size")
@@ -264,7 +179,7 @@ class DataFeed:
         self._check_first_record(mean, tp.mean_file)
         self.labels: tuple[int, int | None, str] | None = None  # (classes, ignore_label, what): see check_labels
         self.skipped = 0  # records skipped (unreadable or odd-sized) so far by next()
-        self._pos = _rand_skip(lp, seed)
+        self._pos = rand_skip(lp, seed)
         self._it: Iterator | None = None
         self._loader: torch.utils.data.DataLoader | None = None
 
@@ -327,7 +242,7 @@ class DataFeed:
         self._pos = int(d["epoch"]) * self._ds.share_size(stream=True) + int(d["index"])
 
     # -- batches -------------------------------------------------------------------------------
-    def _make_loader(self, sampler: _Positions) -> torch.utils.data.DataLoader:
+    def _make_loader(self, sampler: Positions) -> torch.utils.data.DataLoader:
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         pin = self.device.type == "cuda"
         return torch.utils.data.DataLoader(
@@ -350,7 +265,7 @@ class DataFeed:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None:
-            self._loader = self._make_loader(_Positions(self._pos, self.batch_size))
+            self._loader = self._make_loader(Positions(self._pos, self.batch_size))
             self._it = iter(self._loader)
         b = next(self._it)
         out = self._finish(b)
@@ -361,7 +276,7 @@ class DataFeed:
         """One pass over this rank's share of ``epoch`` (default: the current one); state unchanged."""
         s = self._ds.share_size()
         e = self._pos // self._ds.share_size(stream=True) if epoch is None else epoch
-        for b in self._make_loader(_Positions(e * s, self.batch_size, stop=(e + 1) * s)):
+        for b in self._make_loader(Positions(e * s, self.batch_size, stop=(e + 1) * s)):
             if "error" in b or len(b["label"]):  # a batch of only unreadable records has nothing to score
                 yield self._finish(b)
 

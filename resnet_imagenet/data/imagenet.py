@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from resnet_imagenet.data.convert import ConvertOptions, Summary, build_db
+from resnet_imagenet.data.db import close_key_holes
 from resnet_imagenet.util.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,10 @@ def _build_train(
         total = ILSVRC2012_TRAIN_IMAGES  # counting would read every image's header: 1.28M seeks
     items = _train_items(tar, {s: i for i, s in enumerate(names)}, opts, bad, max_bytes)
     meta = {**meta, "source": str(tar)}
-    return build_db(items, db, opts, total=total, keys=keys, skipped=bad, meta=meta, **build_kw)
+    summary = build_db(items, db, opts, total=total, keys=keys, skipped=bad, meta=meta, **build_kw)
+    if keys is not None and close_key_holes(db):  # a skipped image left its number free
+        log.info("%s: renumbered past %d skipped inputs", db, len(summary.skipped))
+    return summary
 
 
 def _build_val(

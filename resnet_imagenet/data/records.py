@@ -5,7 +5,9 @@ Each DataLoader worker opens the LMDB lazily, readonly, without lock writes (dat
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -18,11 +20,30 @@ from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import datum_to_array, parse_datum
 from resnet_imagenet.data.db import close_lmdb, open_lmdb
 from resnet_imagenet.data.imagelist import read_list
+from resnet_imagenet.data.lmdbkeys import lmdb_keys
 
 log = logging.getLogger(__name__)
 
 # What a bad record raises: it is skipped and reported, never fatal.
 SKIPPED = (ValueError, KeyError, OSError, DecodeError, cv2.error)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_DONTNEED = 4  # linux: include/uapi/asm-generic/mman-common.h
+
+
+def drop_pages(view: memoryview) -> None:
+    """Unmap the pages of one consumed LMDB value from this process (madvise MADV_DONTNEED).
+
+    The map is a clean, read-only file mapping: the pages stay in the page cache and a later read
+    faults them back in; but without this every worker's RSS grows toward the DB size over an epoch
+    (issue 15). Called for values of half a page or more, which LMDB keeps on their own overflow pages,
+    so no B-tree page is dropped.
+    """
+    addr = np.frombuffer(view, np.uint8).ctypes.data
+    start, end = addr & ~(mmap.PAGESIZE - 1), -(-(addr + len(view)) // mmap.PAGESIZE) * mmap.PAGESIZE
+    _libc.madvise(start, end - start, MADV_DONTNEED)  # advice only: a failure changes nothing
 
 
 class DataError(Exception):
@@ -40,6 +61,7 @@ class Records:
         self.source, self.is_list, self.root, self.resize = source, is_list, root, resize
         self._env: lmdb.Environment | None = None
         self._pid = -1
+        self._psize = 4096
         self.keys: np.ndarray | None = None  # None: keys are the dense '%08d_' Caffe keys
         if is_list:
             items, bad = read_list(source)
@@ -53,8 +75,9 @@ class Records:
             try:
                 self.n = env.stat()["entries"]
                 with env.begin() as txn:
-                    if not self._dense(txn):
-                        self.keys = np.array(list(txn.cursor().iternext(values=False)))
+                    dense = self._dense(txn)
+                if not dense:  # keys written by another tool, or a deleted record: the keys alone, O(keys)
+                    self.keys = lmdb_keys(env, source)
             except lmdb.Error as e:
                 raise ValueError(f"{source}: the LMDB is corrupt ({e}); rebuild it") from None
             finally:
@@ -85,14 +108,18 @@ class Records:
     def raw(self, i: int) -> bytes:
         if self._env is None or self._pid != os.getpid():  # lazily, once per worker process
             self._env, self._pid = open_lmdb(self.source), os.getpid()
+            self._psize = self._env.stat()["psize"]
         try:
-            with self._env.begin(buffers=False) as txn:
+            with self._env.begin(buffers=True) as txn:  # a view of the map, valid inside the transaction
                 if self.keys is not None:
-                    val = txn.get(bytes(self.keys[i]))
+                    view = txn.get(bytes(self.keys[i]))
                 else:
                     cur = txn.cursor()
                     prefix = b"%08d_" % i
-                    val = cur.value() if cur.set_range(prefix) and cur.key().startswith(prefix) else None
+                    view = cur.value() if cur.set_range(prefix) and cur.key()[: len(prefix)] == prefix else None
+                val = None if view is None else bytes(view)
+                if view is not None and len(view) >= self._psize // 2:
+                    drop_pages(view)
         except lmdb.Error as e:  # smashed pages: the B-tree itself, not one record
             raise DataError(f"{self.source}: the LMDB is corrupt at record {i} ({e}); rebuild it") from None
         if val is None:

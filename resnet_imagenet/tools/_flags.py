@@ -41,7 +41,11 @@ _CONVERT_FLAGS = (
     (("--encode_type", "-encode_type"), {}, "re-encode as this (jpg, png...); default: keep the file's"),
     (("--check_size", "-check_size"), _ON, "skip images whose size differs from the first's"),
     (("--backend", "-backend"), {"default": "lmdb", "choices": ["lmdb"]}, "only lmdb"),
-    (("--jobs",), {"type": int}, "decode/resize processes (default: all cores)"),
+    (
+        ("--jobs",),
+        {"type": int},
+        "decode/resize processes (default: 1 or all cores, whichever the first images run faster on)",
+    ),
     (("--overwrite",), _ON, "replace an existing database (an LMDB folder only, never ROOT or a folder holding it)"),
     (("--strict",), _ON, "fail (and write nothing) if any image is skipped"),
     (("--no-progress",), {"dest": "progress", "action": "store_false"}, "no progress bar"),

@@ -20,10 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     legacy_help = "write num/channels/height/width instead of shape"
     p.add_argument("--legacy", action="store_true", default=d["legacy"], help=legacy_help)
     p.add_argument("--backend", default="lmdb", choices=["lmdb"], help="only lmdb (Caffe's -backend flag)")
+    p.add_argument("--jobs", type=int, default=d["jobs"], help="processes, each a range of keys (default %(default)s)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=d["progress"])
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    compute_image_mean(args.db, args.out, crop=args.crop, legacy=args.legacy, progress=args.progress)
+    compute_image_mean(args.db, args.out, crop=args.crop, legacy=args.legacy, progress=args.progress, jobs=args.jobs)
     return 0
