@@ -65,7 +65,8 @@ def test_tiny_images_choice_follows_the_measurement(tmp_path):
 def test_either_outcome_gives_every_result_once_in_order(tmp_path, monkeypatch, prefer):
     """Switching back kills the workers and redoes what they held; keeping the pool goes on with it."""
     monkeypatch.setattr(A, "PREFER_POOL", prefer)  # the rule's margin: force each outcome
-    tasks = _tasks(tmp_path, (12, 12), 3000, ConvertOptions(), ".png")
+    # enough tasks that both trials end on time, not on the tasks running out (a quiet machine is fast)
+    tasks = _tasks(tmp_path, (12, 12), 20000, ConvertOptions(), ".png")
     choice: dict = {}
     assert list(run_auto(work, tasks, probe_s=0.05, choice=choice)) == [work(t) for t in tasks]
     assert choice["jobs"] == (1 if prefer else default_jobs())
