@@ -92,19 +92,6 @@ def check_memory(nets: list[tuple[caffe_pb2.NetParameter, int]], gpu: int | None
         check_footprint(param, phase, limit, where, data_input_shapes(param.layer, None))
 
 
-def refuse_shared_params(net_param: caffe_pb2.NetParameter) -> None:
-    """Caffe trains a blob named in two layers' ``param { name }`` as ONE blob (net.cpp AppendParam); we do not
-    share blobs between layers yet, so such a net would train its copies apart: refuse it in one line."""
-    owner: dict[str, str] = {}
-    for lp in net_param.layer:
-        for spec in lp.param:
-            if spec.name and owner.setdefault(spec.name, lp.name) != lp.name:
-                raise ValueError(
-                    f"layer '{lp.name}': param '{spec.name}' is shared with layer '{owner[spec.name]}'; training "
-                    "nets with blobs shared by name (Caffe's siamese nets) is not supported yet"
-                )
-
-
 def build_nets(
     train_param: caffe_pb2.NetParameter,
     test_params: list[caffe_pb2.NetParameter],
@@ -119,7 +106,6 @@ def build_nets(
 
     ``weights`` (comma-separated .caffemodels) fine-tunes both; ``resume`` is a snapshot's caffemodel.
     """
-    refuse_shared_params(train_param)
     # caffe: a data layer's top shape comes from its first record (data/shapes.py)
     net = CaffeNet(train_param, TRAIN, input_shapes=data_input_shapes(train_param.layer))
     if not net.loss_weights:
