@@ -90,8 +90,9 @@ class CaffeNet(nn.Module):
                 if t not in available:
                     available.append(t)
             self.blob_shapes.update(zip(lp.top, top_shapes))
-        # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs
-        self.output_names = available
+        # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs, listed in name order
+        # (available_blobs is a std::set<string>): what solver display and `caffe test` print by
+        self.output_names = sorted(available)
         self._source_order = [lp.name for lp in net_param.layer]
         self._lp_index = {lp.name: lp for lp in self.layer_params}
         self._plan_fusion()
