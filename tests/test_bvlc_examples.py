@@ -132,11 +132,14 @@ def test_example_builds_and_trains_a_step(name, bvlc_dir, tmp_path, monkeypatch,
         built = load_data_net(bvlc_dir / path, phase=phase, stages=stages if phase == "test" else ())
         # caffe: the top shape comes from the first Datum: channels too (MNIST is gray, no force_gray)
         assert built.input_shapes[built.data_layers[0].top[0]] == shape
-    if name == "mnist_siamese":  # its two branches share blobs by param name: refused until we share them
-        with pytest.raises(ValueError, match="layer 'conv1_p': param 'conv1_w' is shared with layer 'conv1'"):
-            train_one_step(net, tmp_path, caplog, test_stages=stages)
-        return
     train_one_step(net, tmp_path, caplog, test_stages=stages)
+    if name == "mnist_siamese":  # caffe: the two towers share every blob by param name (net.cpp AppendParam)
+        saved = caffe_pb2.NetParameter.FromString((tmp_path / "snap/x_iter_1.caffemodel").read_bytes())
+        blobs = {lp.name: [b.SerializeToString() for b in lp.blobs] for lp in saved.layer}
+        for tower in ("conv1", "conv2", "ip1", "ip2", "feat"):  # each layer writes its blobs, sharers the owner's
+            assert blobs[tower] and blobs[f"{tower}_p"] == blobs[tower], tower
+        lines = [r.getMessage() for r in caplog.records]
+        assert "Sharing parameters 'conv1_w' owned by layer 'conv1', param index 0" in lines
 
 
 def test_hdf5_classification(bvlc_dir, tmp_path, monkeypatch, caplog) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from resnet_imagenet.net import layers as L
 from resnet_imagenet.net.graph import BlobGraph, Value, blob_graph
 from resnet_imagenet.net.phase import filter_net
+from resnet_imagenet.net.share import ParamSharing, present_blobs
 from resnet_imagenet.net.weights import copy_trained_layers, layer_blobs, read_caffemodels
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import DATA_LAYER_TYPES, PrototxtError, parse_phase, read_net, upgrade_net
@@ -74,6 +75,7 @@ class CaffeNet(nn.Module):
         self.blob_shapes: dict[str, tuple[int, ...]] = {}
         available: list[str] = []  # blobs written and not yet read
         self._renamed: set[str] = set()  # layers renamed NAME#k for a repeated name
+        self.sharing = ParamSharing()  # blobs shared by param name (net/share.py)
         for lp in net_param.layer:
             lp = self._unique_name(lp)
             for b in lp.bottom:
@@ -88,8 +90,9 @@ class CaffeNet(nn.Module):
                 if t not in available:
                     available.append(t)
             self.blob_shapes.update(zip(lp.top, top_shapes))
-        # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs
-        self.output_names = available
+        # caffe: Net::Init -- blobs left unconsumed after the last layer are the net's outputs, listed in name order
+        # (available_blobs is a std::set<string>): what solver display and `caffe test` print by
+        self.output_names = sorted(available)
         self._source_order = [lp.name for lp in net_param.layer]
         self._lp_index = {lp.name: lp for lp in self.layer_params}
         self._plan_fusion()
@@ -128,6 +131,7 @@ class CaffeNet(nn.Module):
         module = L.build_layer(lp, [self.blob_shapes[b] for b in lp.bottom])
         if lp.name in self._renamed and any(True for _ in module.parameters()):
             raise PrototxtError(f"layer '{lp.name.split('#')[0]}': duplicate name on a layer with learnable blobs")
+        self.sharing.add(lp, module)
         top_shapes = [tuple(s) for s in module.top_shapes()]
         if len(top_shapes) != len(lp.top):
             raise PrototxtError(f"layer '{lp.name}' ({lp.type}): needs {len(top_shapes)} tops")
@@ -258,15 +262,16 @@ class CaffeNet(nn.Module):
         return self._lp_index[name]
 
     def learnable(self) -> list[tuple[str, int, nn.Parameter, float, float]]:
-        """(layer, blob index, parameter, lr_mult, decay_mult) for every learnable blob."""
+        """(layer, blob index, parameter, lr_mult, decay_mult) for every learnable blob; a blob shared by param
+        name appears under each of its layers, the same tensor with the multipliers merged (net/share.py)."""
         out = []
         for lp in self.layer_params:
             module = self.layers[lp.name]
-            present = [getattr(module, a) for a in module.blob_names if getattr(module, a, None) is not None]
-            for i, p in enumerate(present):  # caffe: blobs_ holds only the blobs the layer has
+            for i, attr in enumerate(present_blobs(module)):  # caffe: blobs_ holds only the blobs the layer has
+                p = getattr(module, attr)
                 if isinstance(p, nn.Parameter):
                     spec = lp.param[i] if i < len(lp.param) else caffe_pb2.ParamSpec()
-                    out.append((lp.name, i, p, spec.lr_mult, spec.decay_mult))
+                    out.append((lp.name, i, p, *self.sharing.multipliers(lp.name, i, spec)))
         return out
 
     # --- caffemodel I/O (net/weights.py) ------------------------------------------------------

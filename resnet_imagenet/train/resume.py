@@ -64,5 +64,8 @@ def load_rank_state(state: dict[str, Any], feeds: Feeds, *, rank: int, world_siz
         old,
     )
     # every old rank took the same number of samples
-    feeds.load_state_dict([{**fs, "index": int(fs["index"]) * old // world_size} for fs in state["train_feeds"][0]])
+    # an HDF5Data position ("layer") counts rows over all ranks already
+    saved = state["train_feeds"][0]
+    feeds.load_state_dict([fs if "layer" in fs else {**fs, "index": int(fs["index"]) * old // world_size}
+                           for fs in saved])  # fmt: skip
     torch.manual_seed(int(state["seed"]) + rank)  # as a fresh run seeds each rank

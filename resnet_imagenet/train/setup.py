@@ -92,19 +92,6 @@ def check_memory(nets: list[tuple[caffe_pb2.NetParameter, int]], gpu: int | None
         check_footprint(param, phase, limit, where, data_input_shapes(param.layer, None))
 
 
-def refuse_shared_params(net_param: caffe_pb2.NetParameter) -> None:
-    """Caffe trains a blob named in two layers' ``param { name }`` as ONE blob (net.cpp AppendParam); we do not
-    share blobs between layers yet, so such a net would train its copies apart: refuse it in one line."""
-    owner: dict[str, str] = {}
-    for lp in net_param.layer:
-        for spec in lp.param:
-            if spec.name and owner.setdefault(spec.name, lp.name) != lp.name:
-                raise ValueError(
-                    f"layer '{lp.name}': param '{spec.name}' is shared with layer '{owner[spec.name]}'; training "
-                    "nets with blobs shared by name (Caffe's siamese nets) is not supported yet"
-                )
-
-
 def build_nets(
     train_param: caffe_pb2.NetParameter,
     test_params: list[caffe_pb2.NetParameter],
@@ -119,7 +106,6 @@ def build_nets(
 
     ``weights`` (comma-separated .caffemodels) fine-tunes both; ``resume`` is a snapshot's caffemodel.
     """
-    refuse_shared_params(train_param)
     # caffe: a data layer's top shape comes from its first record (data/shapes.py)
     net = CaffeNet(train_param, TRAIN, input_shapes=data_input_shapes(train_param.layer))
     if not net.loss_weights:
@@ -166,9 +152,10 @@ def share_weights(test_net: CaffeNet, train_net: CaffeNet) -> None:
 class Feeds:
     """The DataFeeds of one net, one per data layer, each with the tops it fills; saves and restores its positions."""
 
-    def __init__(self, feeds: list[tuple[DataFeed, list[str]]], self_fed: int = 0):
+    def __init__(self, feeds: list[tuple[DataFeed, list[str]]], self_fed: int = 0, positioned: tuple = ()):
         self.feeds = feeds
         self.self_fed = self_fed  # items per batch of layers that make their own tops (HDF5Data, DummyData)
+        self.positioned = list(positioned)  # those of them with a read position (HDF5Data: position / seek)
 
     @property
     def batch_size(self) -> int:
@@ -186,12 +173,14 @@ class Feeds:
         return out
 
     def state_dict(self) -> list[dict]:
-        """Each feed's position (DataFeed.state_dict), in layer order."""
-        return [f.state_dict() for f, _ in self.feeds]
+        """Each feed's position (DataFeed.state_dict), in layer order, then each HDF5Data layer's."""
+        return [f.state_dict() for f, _ in self.feeds] + [m.position() for m in self.positioned]
 
     def load_state_dict(self, states: list[dict]) -> None:
         for (feed, _), s in zip(self.feeds, states):
             feed.load_state_dict(s)
+        for m, s in zip(self.positioned, states[len(self.feeds) :]):  # a snapshot from before has none
+            m.seek(s)
 
     def close(self) -> None:
         for feed, _ in self.feeds:
@@ -236,7 +225,8 @@ def build_feeds(
         raise ValueError(
             f"the {'TRAIN' if phase == TRAIN else 'TEST'} net has no data layer (Data, ImageData, HDF5Data)"
         )
-    return Feeds(out, sum(net.blob_shapes[lp.top[0]][0] for lp in self_fed if lp.top))
+    positioned = [net.layers[lp.name] for lp in self_fed if hasattr(net.layers[lp.name], "position")]
+    return Feeds(out, sum(net.blob_shapes[lp.top[0]][0] for lp in self_fed if lp.top), positioned)
 
 
 def _label_checks(net: CaffeNet, feed: DataFeed, tops: list[str]) -> None:

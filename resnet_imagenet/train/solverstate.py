@@ -229,7 +229,10 @@ def _check_extra(d: dict, where: Path) -> dict:
             if not isinstance(feeds, list) or not all(isinstance(f, dict) for f in feeds):
                 raise ValueError(f"{where}: {key} holds something other than feed positions")
             for f in feeds:
-                for k in ("epoch", "index"):
+                hdf5 = "layer" in f  # an HDF5Data layer's read position (net/layers/data.py position())
+                if hdf5 and not all(isinstance(f.get(k), torch.Tensor) for k in ("file_order", "rows")):
+                    raise ValueError(f"{where}: an HDF5Data position's file_order or rows is not a tensor")
+                for k in ("offset", "current_file", "current_row") if hdf5 else ("epoch", "index"):
                     if not isinstance(f.get(k), int) or f[k] < 0:
                         raise ValueError(f"{where}: a feed position's {k} is {f.get(k)!r}")
     _need(d, "smoothing", dict, where)

@@ -96,7 +96,9 @@ class HDF5Data(_SelfFed):
         self.shapes = [(self.batch, *a.shape[1:]) for a in self.arrays]
 
     def _order(self, n: int) -> list[int]:
-        return torch.randperm(n).tolist() if self.shuffle else list(range(n))
+        # a net built on the meta device (net/cost.py's footprint) needs no order, nor may it draw random numbers
+        meta = torch.empty(0).device.type == "meta"
+        return torch.randperm(n).tolist() if self.shuffle and not meta else list(range(n))
 
     def _load(self, path: str) -> None:
         """caffe: LoadHDF5FileData -- every top's dataset, as float, with one row count."""
@@ -133,6 +135,23 @@ class HDF5Data(_SelfFed):
             if self.shuffle:
                 self.rows = self._order(len(self.rows))
         self.offset += 1
+
+    def position(self) -> dict:
+        """Where the next batch starts (file order, file, row order, row, rows passed), for a snapshot."""
+        return {"layer": self.name, "file_order": torch.tensor(self.file_order), "current_file": self.current_file,
+                "rows": torch.tensor(self.rows), "current_row": self.current_row, "offset": self.offset}  # fmt: skip
+
+    def seek(self, pos: dict) -> None:
+        """Go on from a position() (a resumed run reads the rows the uninterrupted one would have)."""
+        order, rows = [int(i) for i in pos["file_order"]], [int(r) for r in pos["rows"]]
+        if pos["layer"] != self.name or sorted(order) != list(range(len(self.files))):
+            raise ValueError(f"layer '{self.name}': the saved read position is for another layer or file list")
+        self.file_order, self.current_file = order, int(pos["current_file"])
+        with torch.random.fork_rng(devices=[]):  # _load's row shuffle must not move the random stream
+            self._load(self.files[order[self.current_file]])
+        if sorted(rows) != list(range(len(self.rows))):
+            raise ValueError(f"layer '{self.name}': the saved read position is for a file of {len(rows)} rows")
+        self.rows, self.current_row, self.offset = rows, int(pos["current_row"]), int(pos["offset"])
 
     def _skip(self) -> bool:
         if not (self.training and dist.is_available() and dist.is_initialized()):
