@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--deploy-only", action="store_true", help="only the deploy comparison (part 3)")
     ap.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out of part 3")
     ap.add_argument("--layers", action="store_true", help="part 3: also per-layer tables (torch and onnxruntime)")
+    ap.add_argument("--batches", default="32,1", help="part 3: batch sizes, comma-separated (default 32,1)")
     ap.add_argument("--levers", action="store_true", help="part 3: also the --round 8 / --residual 0.75 variants")
     args, unknown = ap.parse_known_args()
     if unknown:
@@ -184,7 +185,7 @@ def main() -> None:
         bench_prune_memory(args.images)
     from _deploy_timing import bench_deploy
 
-    batches = (2, 1) if args.quick else (32, 1)
+    batches = (2, 1) if args.quick else tuple(int(b) for b in args.batches.split(","))
     bench_deploy(*_nets(levers=args.levers), batches, args.reps, not args.no_torch_pruning, args.layers)
 
 
