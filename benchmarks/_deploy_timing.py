@@ -100,34 +100,13 @@ def torch_pruning_variants(tmp: Path, target: float = 2.0) -> tuple[dict, float]
     return out, macs0 / macs1
 
 
-def per_layer_ms(net, batch: int, reps: int = 3) -> list[tuple[str, str, float]]:
-    """(layer, type, ms per forward) of the folded net, forward hooks around each layer (what `time` does)."""
-    from resnet_imagenet.net.export import deploy_net
-
-    folded = deploy_net(net)
-    spent: dict[str, float] = defaultdict(float)
-    start: dict[str, float] = {}
-    hooks = []
-    for name, m in folded.layers.items():
-        hooks.append(m.register_forward_pre_hook(lambda _m, _a, n=name: start.__setitem__(n, time.perf_counter())))
-        hooks.append(m.register_forward_hook(lambda _m, _a, _o, n=name: spent.__setitem__(
-            n, spent[n] + time.perf_counter() - start[n])))  # fmt: skip
-    x = torch.randn(batch, *folded.input_shapes[folded.input_names[0]][1:])
-    with torch.inference_mode():
-        folded(x)
-        spent.clear()
-        for _ in range(reps):
-            folded(x)
-    for h in hooks:
-        h.remove()
-    types = {lp.name: lp.type for lp in folded.layer_params}
-    return [(n, types[n], 1000 * s / reps) for n, s in spent.items()]
-
-
-def bench_deploy(base, pruned, batches: tuple[int, ...], reps: int, torch_pruning: bool, layers: bool) -> None:
+def bench_deploy(base, pruned: dict, batches: tuple[int, ...], reps: int, torch_pruning: bool, layers: bool) -> None:
+    """Time ``base`` against each net of ``pruned`` ({tag: net}) in torch and onnxruntime, one run."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        variants = {**our_variants("unpruned", base, tmp), **our_variants("pruned", pruned, tmp)}
+        variants = our_variants("unpruned", base, tmp)
+        for tag, net in pruned.items():
+            variants.update(our_variants(tag, net, tmp))
         ratio = None
         if torch_pruning:
             tpv, ratio = torch_pruning_variants(tmp)
@@ -139,14 +118,27 @@ def bench_deploy(base, pruned, batches: tuple[int, ...], reps: int, torch_prunin
             )
             for name, s in t.items():
                 print(f"  {name:40s} {s * 1000:9.1f} ms")
-            for rt in ("torch eval", "torch folded+CL", "onnxruntime"):
-                print(f"  ours speed-up ({rt}): {t[f'unpruned {rt}'] / t[f'pruned {rt}']:.2f}x")
+            for tag in pruned:
+                for rt in ("torch eval", "torch folded+CL", "onnxruntime"):
+                    print(f"  ours speed-up, {tag} ({rt}): {t[f'unpruned {rt}'] / t[f'{tag} {rt}']:.2f}x")
             if ratio is not None:
                 for rt in ("torch CL", "onnxruntime"):
                     s = t[f"tv resnet50 {rt}"] / t[f"tv resnet50 Torch-Pruning {rt}"]
                     print(f"  Torch-Pruning speed-up ({rt}, {ratio:.2f}x fewer MACs): {s:.2f}x")
-    if layers:
-        rows = {n: (ty, ms) for n, ty, ms in per_layer_ms(base, batches[0])}
-        print(f"\nper-layer forward ms (folded, batch {batches[0]}): layer, type, unpruned, pruned")
-        for n, ty, ms in per_layer_ms(pruned, batches[0]):
-            print(f"  {n:24s} {ty:14s} {rows.get(n, ('', float('nan')))[1]:8.2f} {ms:8.2f}")
+        if layers:
+            per_layer(base, pruned, batches, reps, tmp)
+
+
+def per_layer(base, pruned: dict, batches: tuple[int, ...], reps: int, tmp: Path) -> None:
+    """The per-layer table (benchmarks/_layer_timing.py) of every net, torch folded and onnxruntime."""
+    from _layer_timing import ort_layer_ms, print_tables, torch_layer_ms
+
+    nets = {"unpruned": base, **pruned}
+    names = {lp.name for lp in base.layer_params}
+    for batch in batches:
+        cols = {}
+        for tag, net in nets.items():
+            cols[f"{tag} torch"] = torch_layer_ms(net, batch, reps)
+        for tag in nets:
+            cols[f"{tag} ORT"] = ort_layer_ms(tmp / f"{tag}.onnx", names, batch, reps)
+        print_tables(batch, cols, detail=len(nets) <= 2)

@@ -15,6 +15,9 @@
    MAC-halved torchvision resnet50 beside it, and (--layers) a per-layer forward table.
 
     python benchmarks/bench_prune.py --deploy-only      # only part 3 (needs onnx, onnxruntime, torch-pruning)
+    python benchmarks/bench_prune.py --deploy-only --reps 3 --levers --layers --no-torch-pruning
+        # the levers, each at >= 2.0x fewer MACs: widths rounded up to multiples of 8 (prune --round 8), the
+        # residual channels pruned too (prune --residual 0.75, inner widths re-planned), both; per-layer tables
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from resnet_imagenet.net.net import load_net
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.proto.text import read_net
 from resnet_imagenet.prune.graph import find_pairs
-from resnet_imagenet.prune.plan import plan_for_speedup
+from resnet_imagenet.prune.plan import keep_width, plan_for_speedup
+from resnet_imagenet.prune.residual import find_residual_groups
 
 REPO = Path(__file__).resolve().parents[1]
 ZOO = REPO / "prototxt_like" / "resnet_50"
@@ -79,18 +83,36 @@ def _time_forward(net, x, device) -> float:
     return time.perf_counter() - t0
 
 
-def _nets(randomize: bool = True):
+def _lever_widths(base, multiple: int = 1, residual: float | None = None) -> dict[str, int]:
+    """The widths `prune --speedup 2.0 [--round multiple] [--residual residual]` plans (all num_outputs)."""
+    cuts = [(g, keep_width(residual, g.channels, multiple)) for g in find_residual_groups(base)] if residual else []
+    widths = plan_for_speedup(base, find_pairs(base), 2.0, multiple=multiple, residual=cuts)[0]
+    for g, k in cuts:
+        widths.update({name: k for name in g.producers})
+    return widths
+
+
+LEVERS = {"pruned-r8": (8, None), "pruned-res0.75": (1, 0.75), "pruned-res0.75-r8": (8, 0.75)}
+
+
+def _nets(randomize: bool = True, levers: bool = False):
+    """The unpruned deploy net and {tag: pruned net} (--speedup 2.0; with ``levers`` also LEVERS' variants)."""
     base = load_net(ZOO / "deploy.prototxt")
-    widths = plan_for_speedup(base, find_pairs(base), 2.0)[0]
-    pruned = _pruned_deploy(widths)
+    pruned = {"pruned": _pruned_deploy(_lever_widths(base))}
+    if levers:
+        pruned.update({tag: _pruned_deploy(_lever_widths(base, *opt)) for tag, opt in LEVERS.items()})
     if randomize:
-        for net in (base, pruned):
+        for net in (base, *pruned.values()):
             _randomize(net)
-    return base.eval(), pruned.eval()
+    macs0 = count_params_macs(base)[1]
+    for tag, net in pruned.items():
+        print(f"{tag:20s} {macs0 / count_params_macs(net)[1]:.2f}x fewer MACs")
+    return base.eval(), {tag: net.eval() for tag, net in pruned.items()}
 
 
 def bench_forward(batch: int, reps: int, device: torch.device) -> None:
     base, pruned = _nets(randomize=False)
+    pruned = pruned["pruned"]
     macs0, macs1 = count_params_macs(base)[1], count_params_macs(pruned)[1]
     for net in (base, pruned):
         _randomize(net)
@@ -150,7 +172,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke check: batch 2, 1 rep, 2 images")
     ap.add_argument("--deploy-only", action="store_true", help="only the deploy comparison (part 3)")
     ap.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out of part 3")
-    ap.add_argument("--layers", action="store_true", help="part 3: also a per-layer forward table")
+    ap.add_argument("--layers", action="store_true", help="part 3: also per-layer tables (torch and onnxruntime)")
+    ap.add_argument("--batches", default="32,1", help="part 3: batch sizes, comma-separated (default 32,1)")
+    ap.add_argument("--levers", action="store_true", help="part 3: also the --round 8 / --residual 0.75 variants")
     args, unknown = ap.parse_known_args()
     if unknown:
         print(f"bench_prune: ignoring {' '.join(unknown)}")
@@ -161,8 +185,8 @@ def main() -> None:
         bench_prune_memory(args.images)
     from _deploy_timing import bench_deploy
 
-    batches = (2, 1) if args.quick else (32, 1)
-    bench_deploy(*_nets(), batches, args.reps, not args.no_torch_pruning, args.layers)
+    batches = (2, 1) if args.quick else tuple(int(b) for b in args.batches.split(","))
+    bench_deploy(*_nets(levers=args.levers), batches, args.reps, not args.no_torch_pruning, args.layers)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,10 @@ def test_prune_command_writes_a_loadable_net_equal_to_the_in_memory_one(tiny, tm
     "case, message",
     [
         ("speedup", "cannot be reached"),
+        ("speedup1", "--speedup 1: must be above 1"),
+        ("speedup0.5", "--speedup 0.5: must be above 1"),
+        ("residual", "--residual 1.5: the residual channels' keep ratio must be in (0, 1]"),
+        ("round", "--round 0: must be a positive number of channels"),
         ("weights", "shape mismatch"),
         ("empty", "no records"),
         ("widths", "width 99 outside 1..16"),
@@ -141,6 +145,10 @@ def test_bad_input_fails_before_writing(tiny, tmp_path, capsys, case, message):
     data = tiny / "train_lmdb"
     if case == "speedup":
         extra[1] = "50"
+    elif case.startswith("speedup"):  # (#13 case 12) R <= 1 would write an unpruned "pruned" net
+        extra[1] = case[len("speedup") :]
+    elif case in ("residual", "round"):
+        extra += ["--residual", "1.5"] if case == "residual" else ["--round", "0"]
     elif case == "empty":
         data = tiny / "empty_lmdb"
     elif case == "filter":  # --filter-input with a widths prototxt that has no Filter layers

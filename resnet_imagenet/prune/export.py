@@ -28,16 +28,11 @@ from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.blob import read_binary_proto
 from resnet_imagenet.proto.text import read_net, read_solver, to_text
 from resnet_imagenet.prune.core import LayerReport, prune_net
-from resnet_imagenet.prune.filter import check_filters, export_filters, filter_targets
-from resnet_imagenet.prune.graph import PrunePair, find_pairs
-from resnet_imagenet.prune.plan import (
-    RELEASED_FILTERS,
-    RELEASED_WIDTHS,
-    check_widths,
-    plan_for_speedup,
-    planned_macs,
-    read_widths,
-)
+from resnet_imagenet.prune.filter import export_filters
+from resnet_imagenet.prune.graph import find_pairs
+from resnet_imagenet.prune.options import plan_widths, residual_plan
+from resnet_imagenet.prune.plan import planned_macs
+from resnet_imagenet.prune.residual import apply_residual, residual_keeps
 from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -107,32 +102,6 @@ def _load(model: Path, weights: str | os.PathLike) -> tuple[caffe_pb2.NetParamet
     return full, net
 
 
-def _plan(
-    net: CaffeNet, pairs: list[PrunePair], speedup: float | None, widths: str | None, filter_input: bool
-) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """(widths of the pair convs, the input Filter widths --widths names, the input Filters to prune)."""
-    filters: dict[str, int] = {}  # the input Filter widths that --widths names (released or its prototxt's)
-    applied: dict[str, int] = {}  # the input Filters pruned with --filter-input
-    if speedup is not None:
-        if speedup <= 0:
-            raise ValueError("--speedup must be positive")
-        keep, applied = plan_for_speedup(net, pairs, speedup, filter_targets(net, pairs) if filter_input else None)
-    elif widths == "released":
-        keep, filters = dict(RELEASED_WIDTHS), dict(RELEASED_FILTERS)
-    else:
-        all_widths, filters = read_widths(widths)
-        keep = {p.conv: all_widths[p.conv] for p in pairs if p.conv in all_widths}
-        if not keep:
-            raise ValueError(f"{widths}: names none of this net's prunable convolutions")
-    check_widths(pairs, keep)
-    if filter_input and widths is not None:
-        if not filters:
-            raise ValueError(f"--filter-input: {widths} has no Filter layer in front of a convolution")
-        applied = filters
-    check_filters(net, pairs, applied)
-    return keep, filters, applied
-
-
 def run(
     model: str | os.PathLike,
     weights: str | os.PathLike,
@@ -150,6 +119,8 @@ def run(
     device: str = "cpu",
     force: bool = False,
     filter_input: bool = False,
+    round_to: int = 1,
+    residual: float | None = None,
 ) -> dict:
     """Prune ``model`` with ``weights`` and write the folder ``out``; returns the report.
 
@@ -157,6 +128,9 @@ def run(
     ``filter_input``: also prune the block input each branch2a reads, through a Filter layer in front of it
     (the released ResNet-50-2X's channel sampler): widths from --widths' Filter layers, or with --speedup
     the same keep ratio as the inner widths (counted in the multiply-adds).
+    ``round_to``: every kept width a multiple of it (rounded up; a layer narrower than it keeps its width).
+    ``residual``: also prune the residual channels (prune/residual.py), one mask per stage keeping this
+    ratio of them; with --speedup the inner widths are planned with these counted.
     """
     out, model = Path(out), Path(model)
     if (speedup is None) == (widths is None):
@@ -164,13 +138,22 @@ def run(
     _check_out(out, force)
     if images < 1 or points < 1:
         raise ValueError("--images and --points-per-image must be positive")
+    if round_to < 1:
+        raise ValueError(f"--round {round_to}: must be a positive number of channels")
+    if residual is not None and filter_input:
+        raise ValueError("--residual and --filter-input both prune the block inputs: give one of them")
     full, net = _load(model, weights)
     net.to(device)
     pairs = find_pairs(net)
-    keep, filters, applied = _plan(net, pairs, speedup, widths, filter_input)
+    cuts = residual_plan(net, residual, round_to)
+    keep, filters, applied = plan_widths(net, pairs, speedup, widths, filter_input, round_to, cuts)
     x = sample(net.data_layers[0], images, seed).to(device)
     log.info("sampled %d images of %s; pruning %d conv pairs by %s", len(x), data, len(keep), method)
     pruned, reports = prune_net(net, x, keep, method=method, points=points, batch=batch, seed=seed, filters=applied)
+    if cuts:
+        kept = residual_keeps(net, cuts, (x[s : s + batch] for s in range(0, len(x), batch)))
+        pruned = apply_residual(pruned, kept)
+        log.info("residual channels: %s", ", ".join(f"{g.channels} -> {len(k)}" for g, k in kept))
     head = {
         "model": str(model),
         "weights": str(weights),
@@ -179,9 +162,15 @@ def run(
         "widths": widths or f"speedup {speedup:g}",
         "images": len(x),
         "points_per_image": points,
+        "round": round_to,
+        "residual": residual,
     }
     released = planned_macs(net, pairs, keep, filters) if filters else None
     report = _report(head, reports, net, pruned, speedup, filter_input, released)
+    report["residual_groups"] = [
+        {"producers": g.producers, "consumers": g.consumers, "channels_before": g.channels, "channels_after": k}
+        for g, k in cuts
+    ]
     report["peak_rss_mb"] = _peak_rss_mb()  # of this process so far: loading, sampling, pruning
     export(out, full, pruned, report, x[: min(4, len(x))], model)
     return report
@@ -261,6 +250,9 @@ def format_report(report: dict) -> str:
     for r in report["layers"]:
         ch = f"{r['channels_before']} -> {r['channels_after']}"
         rows.append(f"{r['layer']:<22} {r['next']:<22} {ch:>13} {r['rel_error']:>10.4f}")
+    for g in report.get("residual_groups", []):
+        ch = f"{g['channels_before']} -> {g['channels_after']}"
+        rows.append(f"{'residual ' + g['producers'][0]:<22} {'(' + str(len(g['producers'])) + ' convs)':<22} {ch:>13}")
     rows.append(f"params  {report['params_before']:,} -> {report['params_after']:,}")
     rows.append(
         f"MACs    {report['macs_before'] / 1e9:.3f} G -> {report['macs_after'] / 1e9:.3f} G per image: "

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 from resnet_imagenet.net.cost import count_params_macs
 from resnet_imagenet.net.net import CaffeNet
 from resnet_imagenet.proto.text import read_net
 from resnet_imagenet.prune.graph import PrunePair
+
+if TYPE_CHECKING:
+    from resnet_imagenet.prune.residual import ResidualGroup
 
 # The released ResNet-50-2X (ethanhe42/channel-pruning temp/resnet-50-cp.prototxt): num_output of
 # res*_branch2a/2b, and the Filter (channel sampler) widths of the block input each branch2a reads.
@@ -38,14 +42,24 @@ RELEASED_WIDTHS, RELEASED_FILTERS = _released()
 
 
 def planned_macs(
-    net: CaffeNet, pairs: list[PrunePair], widths: dict[str, int], filters: dict[str, int] | None = None
+    net: CaffeNet,
+    pairs: list[PrunePair],
+    widths: dict[str, int],
+    filters: dict[str, int] | None = None,
+    residual: list[tuple[ResidualGroup, int]] | None = None,
 ) -> int:
-    """Per-image MACs of ``net`` with pair convs cut to ``widths`` (and conv inputs to ``filters``)."""
+    """Per-image MACs of ``net`` with pair convs cut to ``widths`` (and conv inputs to ``filters``, and the
+    residual groups' channels to their widths: producers' outputs and consumers' inputs)."""
     out_w = {p.conv: (widths.get(p.conv, p.channels), p.channels) for p in pairs}
     in_w = {p.next: (widths.get(p.conv, p.channels), p.channels) for p in pairs}
-    filters = filters or {}
+    for name, k in (filters or {}).items():
+        if name not in in_w:
+            in_w[name] = (k, net.layers[name].weight.shape[1])
+    for group, k in residual or []:
+        out_w.update({name: (k, group.channels) for name in group.producers})
+        in_w.update({name: (k, group.channels) for name in group.consumers})
     total = count_params_macs(net)[1]
-    for name in {*out_w, *in_w, *filters}:
+    for name in {*out_w, *in_w}:
         m = net.layers[name] if name in net.layers else None
         if not hasattr(m, "macs"):
             continue
@@ -54,8 +68,6 @@ def planned_macs(
             if name in table:
                 k, channels = table[name]
                 new = new // channels * k
-        if name in filters and name not in in_w:
-            new = new // m.weight.shape[1] * filters[name]
         total += new - macs
     return total
 
@@ -72,17 +84,35 @@ def check_widths(pairs: list[PrunePair], widths: dict[str, int]) -> None:
             raise ValueError(f"layer '{name}': width {k} outside 1..{by_name[name].channels}")
 
 
-def _at(r: float, channels: dict[str, int]) -> dict[str, int]:
-    """Keep ratio ``r`` as widths: ceil(r * channels), at least 1."""
-    return {name: max(1, math.ceil(r * c - 1e-9)) for name, c in channels.items()}
+def keep_width(r: float, channels: int, multiple: int = 1) -> int:
+    """Keep ratio ``r`` as a width: ceil(r * channels), at least 1, rounded UP to a multiple of ``multiple``
+    (capped at ``channels``: a layer narrower than the multiple keeps its width)."""
+    k = max(1, math.ceil(r * channels - 1e-9))
+    return min(channels, -(-k // multiple) * multiple)
+
+
+def round_widths(widths: dict[str, int], channels: dict[str, int], multiple: int) -> dict[str, int]:
+    """``widths`` rounded UP to multiples of ``multiple`` (capped at each layer's ``channels``)."""
+    return {name: min(channels[name], -(-k // multiple) * multiple) for name, k in widths.items()}
+
+
+def _at(r: float, channels: dict[str, int], multiple: int = 1) -> dict[str, int]:
+    return {name: keep_width(r, c, multiple) for name, c in channels.items()}
 
 
 def plan_for_speedup(
-    net: CaffeNet, pairs: list[PrunePair], speedup: float, inputs: dict[str, int] | None = None
+    net: CaffeNet,
+    pairs: list[PrunePair],
+    speedup: float,
+    inputs: dict[str, int] | None = None,
+    multiple: int = 1,
+    residual: list[tuple[ResidualGroup, int]] | None = None,
 ) -> tuple[dict[str, int], dict[str, int]]:
-    """(widths, filters) of the largest uniform keep ratio r (width ceil(r * channels)) giving
-    MACs(original) / MACs(pruned) >= ``speedup``; ``inputs`` (conv -> its input channels, see
-    prune.filter.filter_targets) get input Filters of ceil(r * channels) too."""
+    """(widths, filters) of the largest uniform keep ratio r (width ceil(r * channels), rounded up to a
+    ``multiple``) giving MACs(original) / MACs(pruned) >= ``speedup``; ``inputs`` (conv -> its input channels,
+    see prune.filter.filter_targets) get input Filters of the same width rule; ``residual`` (fixed group
+    widths, prune/residual.py) are counted as given. Rounding up keeps the target: r is bisected on the
+    rounded widths, so a rounded plan gets a lower r than an unrounded one."""
     if not pairs:
         raise ValueError("the net has no prunable convolution pairs (conv -> [BatchNorm, Scale, ReLU] -> conv)")
     inputs = inputs or {}
@@ -90,13 +120,15 @@ def plan_for_speedup(
     base = planned_macs(net, pairs, {})
 
     def macs(r: float) -> int:
-        return planned_macs(net, pairs, _at(r, chans), _at(r, inputs))
+        return planned_macs(net, pairs, _at(r, chans, multiple), _at(r, inputs, multiple), residual)
 
     best = base / macs(0.0)
     if best < speedup:
+        rounded = f", widths rounded up to multiples of {multiple}" if multiple > 1 else ""
         raise ValueError(
             f"--speedup {speedup:g} cannot be reached: even 1 channel per prunable conv gives {best:.2f}x "
-            f"({len(pairs)} prunable convs; conv1, branch1, the last conv of each block and fc keep their widths)"
+            f"({len(pairs)} prunable convs{rounded}; conv1, branch1, the last conv of each block and fc keep "
+            "their widths unless --residual prunes them)"
         )
     lo, hi = 0.0, 1.0  # speed-up(lo) >= target
     for _ in range(60):
@@ -105,8 +137,8 @@ def plan_for_speedup(
             lo = mid
         else:
             hi = mid
-    filters = {name: k for name, k in _at(lo, inputs).items() if k < inputs[name]}
-    return _at(lo, chans), filters
+    filters = {name: k for name, k in _at(lo, inputs, multiple).items() if k < inputs[name]}
+    return _at(lo, chans, multiple), filters
 
 
 def read_widths(path: str | os.PathLike) -> tuple[dict[str, int], dict[str, int]]:

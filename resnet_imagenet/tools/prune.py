@@ -99,6 +99,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also prune the block input each branch2a reads, through a Filter layer in front of it (as the "
         "released ResNet-50-2X): --widths' Filter widths, or with --speedup the inner widths' keep ratio",
     )
+    p.add_argument(
+        "--round",
+        dest="round_to",
+        type=int,
+        default=d["round_to"],
+        metavar="N",
+        help="round every kept channel count UP to a multiple of N (8 suits vectorized / tensor-core kernels); "
+        f"with --speedup the target still holds (default {d['round_to']}: no rounding)",
+    )
+    p.add_argument(
+        "--residual",
+        type=float,
+        default=d["residual"],
+        metavar="KEEP",
+        help="also prune the residual channels (branch1/branch2c outputs and the block outputs they sum into), "
+        "one mask per stage keeping this ratio of them (e.g. 0.75); default: keep them all (the paper's scheme)",
+    )
     p.set_defaults(func=run)
 
 
@@ -140,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
         device=_device(args),
         force=args.overwrite,
         filter_input=args.filter_input,
+        round_to=args.round_to,
+        residual=args.residual,
     )
     print(format_report(report))
     print(f"wrote {args.out}/ (peak RSS while pruning {report['peak_rss_mb']:.0f} MB)")
