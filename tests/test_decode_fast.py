@@ -1,0 +1,116 @@
+"""The opt-in fast JPEG decode (data/decode_fast.py): its measured distance from cv2.imdecode, its fallbacks
+to the exact path for anything else, and the feed's ``decode=`` choice."""
+
+from __future__ import annotations
+
+import re
+
+import cv2
+import numpy as np
+import pytest
+from _images import make_db, smooth_image
+
+from resnet_imagenet.data import transform as T
+from resnet_imagenet.data.decode_fast import DECODERS, decode_fast, decoder
+from resnet_imagenet.data.feed import DataFeed
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import parse_text
+
+
+def photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Gradients, hard-edged shapes and noise: the edges are where plain chroma upsampling differs most."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([rng.uniform(40, 200) + rng.uniform(-60, 60) * xx / w + rng.uniform(-60, 60) * yy / h] * 3, -1)
+    for _ in range(8):
+        c = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        cv2.circle(img, c, int(rng.integers(5, h // 3)), rng.uniform(0, 255, 3).tolist(), -1)
+    img += rng.normal(0, 10, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg(img: np.ndarray, quality: int = 95, sampling: int = cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420) -> bytes:
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling])
+    assert ok
+    return buf.tobytes()
+
+
+def imdecode(buf: bytes, flag: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), flag)
+    return img if img.ndim == 3 else img[:, :, None]
+
+
+# Measured on these images (seeds 0-3, 256 x 290-320, quality 75 and 95): 4:2:0 (what convert_imageset writes)
+# max 64-81 at hard colour edges, 99th percentile 12-17, mean 1.5-2.6; 4:4:4 (no chroma upsampling: the fast
+# IDCT alone) max 4-16, 99th percentile 3-4, mean ~1.0. The bounds leave a margin; a wrong colour order or
+# geometry breaks them at once. (On benchmarks/_synth.py's blurred photo-like images: 4:2:0 max 33, mean 1.7-2.9.)
+@pytest.mark.parametrize(
+    ("sampling", "max_bound", "p99_bound", "mean_bound"),
+    [(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, 96, 24, 3.5), (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, 20, 6, 1.5)],
+)
+@pytest.mark.parametrize("quality", [75, 95])
+def test_fast_decode_stays_within_the_measured_distance_of_imdecode(
+    sampling, max_bound, p99_bound, mean_bound, quality
+):
+    for seed in range(4):
+        buf = jpeg(photo(np.random.default_rng(seed), 256, 290 + 10 * seed), quality, sampling)
+        ref = imdecode(buf)
+        assert np.array_equal(T.decode_image(buf), ref)  # the default path is exact
+        fast = decode_fast(buf)
+        assert fast.shape == ref.shape and fast.dtype == np.uint8
+        d = np.abs(fast.astype(np.int16) - ref)
+        assert d.max() <= max_bound and np.percentile(d, 99) <= p99_bound and d.mean() <= mean_bound
+        assert d.max() > 0  # it is the fast path indeed (not exact): else the option would be pointless
+
+
+def test_fast_decode_of_a_gray_jpeg_has_one_channel_near_imdecode():
+    buf = jpeg(photo(np.random.default_rng(5), 64, 80)[:, :, 0])
+    ref = imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    fast = decode_fast(buf, T.GRAY)
+    assert fast.shape == ref.shape == (64, 80, 1)
+    assert np.abs(fast.astype(np.int16) - ref).max() <= 16
+
+
+def test_non_jpeg_and_truncated_jpeg_take_the_exact_path():
+    img = smooth_image(np.random.default_rng(1), 20, 30)
+    png = cv2.imencode(".png", img)[1].tobytes()
+    assert np.array_equal(decode_fast(png), img)  # PNG: lossless, through decode_image
+    cut = jpeg(photo(np.random.default_rng(2), 64, 64))[:-200]  # libjpeg warns: simplejpeg raises
+    with pytest.raises(ValueError) as exact:
+        T.decode_image(cut)
+    with pytest.raises(ValueError, match=re.escape(str(exact.value))):  # the same verdict and message as the exact path
+        decode_fast(cut)
+    with pytest.raises(ValueError, match="not a readable image"):
+        decode_fast(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(ValueError, match="empty"):
+        decode_fast(b"")
+
+
+def test_decoder_names():
+    assert decoder("exact") is T.decode_image and DECODERS["fast"] is decode_fast
+    with pytest.raises(ValueError, match="decode 'turbo' is not one of exact, fast"):
+        decoder("turbo")
+
+
+def _layer(db, batch: int) -> caffe_pb2.LayerParameter:
+    t = "crop_size: 24 mirror: true mean_value: 104 mean_value: 117 mean_value: 123"
+    text = f'name: "d" type: "Data" top: "data" top: "label" transform_param {{ {t} }} data_param {{ source: "{db}" '
+    return parse_text(text + f"batch_size: {batch} backend: LMDB }}", caffe_pb2.LayerParameter())
+
+
+def test_feed_fast_decode_keeps_order_crops_and_mirrors_and_stays_near_exact(tmp_path):
+    images = [photo(np.random.default_rng(10 + i), 32, 40) for i in range(6)]
+    db = make_db(tmp_path, images, encoded=True, ext=".jpg")
+    got = {}
+    for name in ("exact", "fast"):
+        with DataFeed(_layer(db, 6), "train", seed=3, num_workers=0, decode=name) as feed:
+            got[name] = [feed.next() for _ in range(2)]
+    for (xe, le), (xf, lf) in zip(got["exact"], got["fast"]):
+        assert torch_equal(le, lf)  # same records in the same order
+        d = (xe - xf).abs()
+        assert 0 < d.max() <= 96 and d.mean() <= 4  # same crops and mirrors: only the decode differs
+    with pytest.raises(ValueError, match="decode 'x' is not one of"):
+        DataFeed(_layer(db, 2), "train", num_workers=0, decode="x")
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
