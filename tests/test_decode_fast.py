@@ -1,5 +1,5 @@
-"""The opt-in fast JPEG decode (data/decode_fast.py): its measured distance from cv2.imdecode, its fallbacks
-to the exact path for anything else, and the feed's ``decode=`` choice."""
+"""The loader's fast paths: the opt-in fast JPEG decode (data/decode_fast.py) -- its measured distance from
+cv2.imdecode, its fallbacks to the exact path, the feed's ``decode=`` choice -- and the exact fast mirror."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pytest
 from _images import make_db, smooth_image
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import parse_datum
@@ -117,3 +119,20 @@ def test_feed_batches_are_the_chosen_decoders_pixels_with_the_same_crops_and_mir
     assert any(g[2] for g in geo["fast"][1]) and any(not g[2] for g in geo["fast"][1])  # both mirror states seen
     with pytest.raises(ValueError, match="decode 'x' is not one of"):
         DataFeed(_layer(db, 2), "train", num_workers=0, decode="x")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(1, 40), w=st.integers(1, 40), c=st.sampled_from([1, 3]), chw=st.booleans(),
+    top=st.integers(0, 5), left=st.integers(0, 5), seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_mirror_is_the_reversed_view_for_any_crop_and_layout(h, w, c, chw, top, left, seed):
+    """T.mirror (the feed's fast mirror) equals img[:, ::-1] for HWC images and HWC views of CHW storage
+    (raw Datums), cropped or not; and the batch's CHW copy of it equals the reversed view's."""
+    rng = np.random.default_rng(seed)
+    full = rng.integers(0, 256, (c, h + top, w + left) if chw else (h + top, w + left, c), dtype=np.uint8)
+    img = (full.transpose(1, 2, 0) if chw else full)[top:, left:]
+    got = T.mirror(img)
+    assert got.shape == img.shape and got.dtype == np.uint8
+    assert np.array_equal(got, img[:, ::-1])
+    assert np.array_equal(np.stack([got.transpose(2, 0, 1)]), np.stack([img[:, ::-1].transpose(2, 0, 1)]))
