@@ -7,7 +7,8 @@ round, rounds interleaved (the machine's load drifts); medians; each figure is a
 against the baseline of the same run: torchvision ImageFolder + PIL on the same 256-px files.
 DataFeed is measured three ways: float batches (the mean subtracted on the CPU, in the main process:
 what a CPU-only run costs), uint8 batches (the float work left to the device, as on a GPU: the host's
-whole cost), and uint8 with the opt-in decode='fast' (data/decode_fast.py). "decode ceiling": the JPEG
+whole cost), and uint8 with the opt-in decode='fast' (data/decode_fast.py); "before": the mirror as
+the reversed view the feed used before T.mirror; and float batches from a raw 256x256 LMDB. "decode ceiling": the JPEG
 decodes alone, one process per worker. Peers that are absent are skipped with the reason.
 Usage: python benchmarks/bench_loader.py [--n 2000] [--batches 30] [--rounds 5] [--quick] [--workdir DIR]
        [--ffcv-python /work/ffcv-venv/bin/python] [--only NAME,NAME]
@@ -31,6 +32,7 @@ import simplejpeg  # noqa: E402
 from _peers import Skip, dali_loader, ffcv_rate, torchvision_loader  # noqa: E402
 from _synth import make_jpegs  # noqa: E402
 
+from resnet_imagenet.data import transform as T  # noqa: E402
 from resnet_imagenet.data.convert import ConvertOptions, convert_imageset  # noqa: E402
 from resnet_imagenet.data.datum import parse_datum  # noqa: E402
 from resnet_imagenet.data.feed import DataFeed  # noqa: E402
@@ -39,6 +41,7 @@ from resnet_imagenet.proto import caffe_pb2  # noqa: E402
 from resnet_imagenet.proto.text import parse_text  # noqa: E402
 
 BASELINE = "torchvision ImageFolder + PIL, 256-px files"
+FAST_MIRROR = T.mirror
 
 
 def rate(start, n_batches: int, batch: int) -> float:
@@ -50,7 +53,7 @@ def rate(start, n_batches: int, batch: int) -> float:
     return n_batches * batch / (time.perf_counter() - t)
 
 
-def feed_loader(db: Path, batch: int, workers: int, *, host_only: bool = False, decode: str = "exact"):
+def feed_loader(db: Path, batch: int, workers: int, *, host_only: bool = False, decode: str = "exact", view=False):
     lp = parse_text(
         f'name: "data" type: "Data" top: "data" top: "label" transform_param {{ crop_size: 224 mirror: true '
         f'mean_value: 104 mean_value: 117 mean_value: 123 }} data_param {{ source: "{db}" batch_size: {batch} '
@@ -59,6 +62,8 @@ def feed_loader(db: Path, batch: int, workers: int, *, host_only: bool = False, 
     )
 
     def start():
+        # view: the mirror as a reversed view, as before T.mirror (the workers fork with the patched module)
+        T.mirror = (lambda img: img[:, ::-1]) if view else FAST_MIRROR
         with DataFeed(lp, "train", num_workers=workers, decode=decode) as feed:
             if host_only:  # the uint8 batch as the device receives it: leave its float work to the device
                 feed._transform = lambda x, geo: x
@@ -95,19 +100,22 @@ def export_files(db: Path, out: Path) -> list[bytes]:
     return bufs
 
 
-def prepare(args, n: int) -> tuple[Path, Path, Path, list[bytes]]:
+def prepare(args, n: int) -> tuple[Path, tuple[Path, Path], Path, list[bytes]]:
     src = make_jpegs(args.workdir / f"jpegs_{n}", n)
-    db, files = args.workdir / f"loader_encoded_{n}", args.workdir / f"files256_{n}"
-    shutil.rmtree(db, ignore_errors=True)
-    shutil.rmtree(files, ignore_errors=True)
+    db, raw = args.workdir / f"loader_encoded_{n}", args.workdir / f"loader_raw_{n}"
+    files = args.workdir / f"files256_{n}"
+    for path in (db, raw, files):
+        shutil.rmtree(path, ignore_errors=True)
     s = convert_imageset(src, None, db, ConvertOptions(min_dim=256, encoded=True), progress=False)
     print(f"{n} JPEGs -> encoded min_dim 256 LMDB, {s.bytes / s.written / 1e3:.1f} kB/image")
-    return src, db, files, export_files(db, files)
+    s = convert_imageset(src, None, raw, ConvertOptions(resize_height=256, resize_width=256), progress=False)
+    print(f"{n} JPEGs -> raw 256x256 LMDB, {s.bytes / s.written / 1e3:.1f} kB/image")
+    return src, (db, raw), files, export_files(db, files)
 
 
-def loaders(args, src: Path, db: Path, files: Path, bufs: list[bytes], batch: int, nb: int, n: int) -> dict:
+def loaders(args, src: Path, dbs: tuple[Path, Path], files: Path, bufs: list[bytes], batch: int, nb: int) -> dict:
     """name -> a function of no arguments returning one img/s figure (a fresh loader each time)."""
-    w = args.workers
+    w, (db, raw), n = args.workers, dbs, len(bufs)
     beton = args.workdir / f"ffcv_{n}.beton"
     out = {
         BASELINE: lambda: rate(torchvision_loader(files, batch, w), nb, batch),
@@ -116,6 +124,10 @@ def loaders(args, src: Path, db: Path, files: Path, bufs: list[bytes], batch: in
         "DataFeed, uint8 batches (float work on the device)": lambda: rate(
             feed_loader(db, batch, w, host_only=True), nb, batch
         ),
+        "DataFeed, uint8 batches, mirror as a reversed view (before)": lambda: rate(
+            feed_loader(db, batch, w, host_only=True, view=True), nb, batch
+        ),
+        "DataFeed, float batches, raw 256x256 LMDB": lambda: rate(feed_loader(raw, batch, w), nb, batch),
         "DataFeed, uint8 batches, decode='fast'": lambda: rate(
             feed_loader(db, batch, w, host_only=True, decode="fast"), nb, batch
         ),
@@ -143,8 +155,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated name parts: measure only these (and the baseline)")
     args = ap.parse_args()
     n, batch, nb, rounds = (40, 8, 3, 1) if args.quick else (args.n, args.batch, args.batches, args.rounds)
-    src, db, files, bufs = prepare(args, n)
-    todo = loaders(args, src, db, files, bufs, batch, nb, n)
+    src, dbs, files, bufs = prepare(args, n)
+    todo = loaders(args, src, dbs, files, bufs, batch, nb)
     print(f"batch {batch}, {args.workers} workers, crop 224 + mirror + mean, TRAIN, {rounds} rounds x {nb} batches")
     figures: dict[str, list[float]] = {k: [] for k in todo}
     skipped: dict[str, str] = {}
@@ -160,12 +172,13 @@ def main() -> None:
     print(f"\nmedians of {rounds} rounds; ratio = loader / baseline ({BASELINE}) of the same run")
     for name, v in figures.items():
         if name in skipped:
-            print(f"{name:55s} skipped: {skipped[name]}")
+            print(f"{name:60s} skipped: {skipped[name]}")
         else:
             ratios = [a / b for a, b in zip(v, figures[BASELINE])]  # per round, then the median
             m = statistics.median(v)
-            print(f"{name:55s} {m:7.0f} img/s  {m / args.workers:6.0f}/worker  {statistics.median(ratios):5.2f}x")
-    shutil.rmtree(db, ignore_errors=True)
+            print(f"{name:60s} {m:7.0f} img/s  {m / args.workers:6.0f}/worker  {statistics.median(ratios):5.2f}x")
+    for db in dbs:
+        shutil.rmtree(db, ignore_errors=True)
 
 
 if __name__ == "__main__":
