@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -99,7 +100,9 @@ class Records:
             raise KeyError(f"record {i} missing")
         return val
 
-    def load(self, i: int, channels: int, decode=T.decode_image) -> tuple[np.ndarray, int]:
+    def load(
+        self, i: int, channels: int, decode: Callable[[bytes, int], np.ndarray] = T.decode_image
+    ) -> tuple[np.ndarray, int]:
         """Record ``i`` as (HxWxC uint8, label); ``decode`` turns file bytes into pixels (data/decode_fast.py)."""
         if self.is_list:
             with open(os.path.join(self.root, self.paths[i]), "rb") as f:
