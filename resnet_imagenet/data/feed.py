@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resnet_imagenet.data import decode_fast
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.db import read_meta
 from resnet_imagenet.data.feedcheck import check_batch_labels, check_meta_labels, check_sizes
@@ -44,7 +45,7 @@ class _Batches(Order, torch.utils.data.Dataset):
 
     def image(self, idx: int) -> tuple[np.ndarray, int]:
         """Record ``idx`` decoded (and resized to new_dim): the image the crop is taken from."""
-        img, label = self.recs.load(idx, self.cfg["channels"])
+        img, label = self.recs.load(idx, self.cfg["channels"], self.cfg["decode"])
         if self.cfg["new_dim"]:
             img = T.resize_shorter(img, self.cfg["new_dim"], bicubic=self.cfg["bicubic"])
         return img, label
@@ -66,7 +67,7 @@ class _Batches(Order, torch.utils.data.Dataset):
         # caffe: data_transformer.cpp -- mirror = param.mirror() && Rand(2), in any phase
         flip = bool(c["mirror"] and rng.integers(0, 2))
         if flip:
-            out = out[:, ::-1]
+            out = T.mirror(out)  # out[:, ::-1], copied fast (a reversed view makes the batch copy crawl)
         return out, label, (ho, wo, int(flip), h, w)
 
     def __getitem__(self, item: tuple[int, int, bool]) -> dict:
@@ -134,6 +135,7 @@ class DataFeed:
         random_resized_crop: bool = False,
         prefetch_factor: int = 4,
         order: str = "shuffle",
+        decode: str = "exact",
     ):
         phase = parse_phase(phase)
         base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -160,6 +162,7 @@ class DataFeed:
             "bicubic": src["bicubic"],
             "size": None,  # (H, W) every record must have, else it is skipped (_check_sizes)
             "size_from": "",
+            "decode": decode_fast.decoder(decode),  # "exact" (cv2.imdecode's pixels) or the opt-in "fast"
         }
         self.name, self.batch_size, self.seed, self.channels = lp.name, src["batch"], seed, channels
         self.device = torch.device(device)

@@ -9,6 +9,7 @@ import ctypes
 import logging
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -126,13 +127,16 @@ class Records:
             raise KeyError(f"record {i} missing")
         return val
 
-    def load(self, i: int, channels: int) -> tuple[np.ndarray, int]:
+    def load(
+        self, i: int, channels: int, decode: Callable[[bytes, int], np.ndarray] = T.decode_image
+    ) -> tuple[np.ndarray, int]:
+        """Record ``i`` as (HxWxC uint8, label); ``decode`` turns file bytes into pixels (data/decode_fast.py)."""
         if self.is_list:
             with open(os.path.join(self.root, self.paths[i]), "rb") as f:
-                img = T.decode_image(f.read(), channels)
+                img = decode(f.read(), channels)
             return T.resize_exact(img, *self.resize), int(self.labels[i])
         d = parse_datum(self.raw(i))
-        img = T.decode_image(d.data, channels) if d.encoded else datum_to_array(d)
+        img = decode(d.data, channels) if d.encoded else datum_to_array(d)
         if img.dtype != np.uint8:
             raise Unsupported("float_data Datums are not supported by the loader (store uint8 images)")
         return T.match_channels(img, channels), int(d.label)
