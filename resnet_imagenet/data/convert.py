@@ -45,6 +45,7 @@ class ConvertOptions:
     encoded: bool = False
     encode_type: str = ""  # default: from the file name, as Caffe
     check_size: bool = False
+    max_pixels: int = T.MAX_PIXELS  # skip an image whose header declares more pixels (0: no limit)
 
 
 @dataclasses.dataclass
@@ -72,7 +73,7 @@ class Summary:
 def make_datum(buf: bytes, label: int, name: str, opts: ConvertOptions) -> tuple[bytes, tuple[int, int, int]]:
     """One image file's bytes -> a serialized Datum and the image's (C, H, W) (caffe: io.cpp ReadImageToDatum)."""
     channels = T.GRAY if opts.gray else T.COLOR
-    img = T.decode_image(buf, channels, strict=True)
+    img = T.decode_image(buf, channels, strict=True, max_pixels=opts.max_pixels)
     if opts.resize_height and opts.resize_width:
         img = T.resize_exact(img, opts.resize_height, opts.resize_width)
     elif opts.min_dim:
@@ -137,6 +138,8 @@ def work(task: Task) -> Result:
         return name, label, None, f"bad image: {e}", None
     except cv2.error as e:
         return name, label, None, f"bad image: {str(e).strip().splitlines()[-1]}", None
+    except MemoryError:
+        return name, label, None, "bad image: out of memory decoding it (see --max-pixels)", None
 
 
 def _records(
