@@ -27,7 +27,7 @@ from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, read_list, walk_classes
-from resnet_imagenet.data.pool import default_jobs, run_ordered
+from resnet_imagenet.data.pool import WorkerDied, default_jobs, run_ordered
 from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
 
@@ -239,6 +239,8 @@ def build_db(
             atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
             if (meta or {}).get("classes"):  # inside the DB folder: renamed into place with the records
                 atomic_write_text(out.folder / CLASSES_NAME, "".join(c + "\n" for c in meta["classes"]))
+    except WorkerDied as e:  # the temporary DB is removed (create_lmdb)
+        raise WorkerDied(f"{db} not written: {e}") from None
     except Interrupted as e:
         raise e.with_message(
             f"{db} not written ({summary.written} records were; the temporary DB is removed)"
