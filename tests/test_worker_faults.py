@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,3 +85,45 @@ def test_a_worker_killed_in_the_middle_of_a_message_is_an_error_not_a_hang():
     assert time.monotonic() - t0 < 5
     time.sleep(0.2)
     assert not [p for p in workers if alive(p)]
+
+
+def _userns_tmpfs() -> bool:
+    """Whether this machine lets an unprivileged user mount a small tmpfs in a user namespace (unshare -Urm)."""
+    if not shutil.which("unshare"):
+        return False
+    ok = subprocess.run(["unshare", "-Urm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return ok.returncode == 0
+
+
+@pytest.mark.skipif(not _userns_tmpfs(), reason="no user namespaces here to mount a small tmpfs without root")
+@pytest.mark.parametrize("count", [400, 3000])  # the final commit fails / a commit in the middle fails
+def test_a_full_disk_is_one_line_naming_the_db_and_leaves_no_temporary(tmp_path, count):
+    """A real 2 MB tmpfs (mounted in a user namespace): 64x64 raw records fill it."""
+    rng = np.random.default_rng(0)
+    names = write_images(tmp_path / "root", [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(8)])
+    (tmp_path / "list.txt").write_text("".join(f"{names[i % 8]} 0\n" for i in range(count)))
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    db = mnt / "db"
+    convert = f"{sys.executable} -m resnet_imagenet convert_imageset --no-progress --jobs 1 {tmp_path}/root " \
+              f"{tmp_path}/list.txt {db}"  # fmt: skip
+    script = f"mount -t tmpfs -o size=2m tmpfs {mnt} && {convert}; echo rc=$?; ls -A {mnt}"
+    out = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))  # fmt: skip
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"resnet-imagenet convert_imageset: error: {db}: not written: the disk is full ("), err
+    assert out.stdout.split() == ["rc=1"]  # and the tmpfs is empty: the temporary DB is removed
+
+
+def test_a_full_disk_while_writing_the_metadata_names_the_db(tmp_path):
+    """The JSON beside the records hits ENOSPC (simulated at the write call): one line, the temporary removed."""
+    import errno
+
+    from resnet_imagenet.data.db import WriteError, create_lmdb
+
+    with pytest.raises(WriteError, match=rf"^{tmp_path}/db: not written: the disk is full \(.* No space left"):
+        with create_lmdb(tmp_path / "db") as w:
+            w.put(b"k", b"v")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
