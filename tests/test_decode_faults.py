@@ -178,3 +178,21 @@ def test_max_pixels_flag(img, tmp_path, capsys):
                  str(tmp_path / "l.txt"), str(tmp_path / "db2")]) == 0  # fmt: skip
     with open_lmdb(tmp_path / "db2").begin() as txn:
         assert txn.stat()["entries"] == 1
+
+
+@pytest.mark.parametrize("kind", ["base", "prog", "png"])
+def test_every_cut_point_of_a_small_file_is_refused_in_strict_mode(kind):
+    """Each prefix, bare or closed with EOI: a progressive JPEG cut between two scans has no libjpeg warning,
+    so the strict decode also checks that its scans are all there."""
+    img = smooth_image(np.random.default_rng(1), 24, 40)
+    full = cv2.imencode(".png", img)[1].tobytes() if kind == "png" else jpeg(img, kind == "prog")
+    accepted = []
+    for cut in range(len(full) - 2):
+        for tail in (b"", EOI):
+            try:
+                T.decode_image(full[:cut] + tail, strict=True)
+                accepted.append((cut, tail))
+            except ValueError:
+                pass
+    assert accepted == []
+    assert T.decode_image(full, strict=True).shape == (24, 40, 3)

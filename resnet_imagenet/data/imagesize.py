@@ -9,6 +9,7 @@ frame header), PNG (IHDR), BMP and GIF; any other goes to OpenCV, whose own limi
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 # PIL's Image.MAX_IMAGE_PIXELS (2^30 / 4 / 3, ~89.5 MPix: 256 MiB as 24-bit BGR): a limit users know,
 # 4x a 24-MPix camera photo and far above ImageNet's photos, and small enough that each decode process
@@ -20,34 +21,58 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-def _jpeg_size(buf: bytes) -> tuple[int, int] | None:
-    """(height, width) of the first SOFn segment (ITU T.81 B.2.2: length, precision, Y, X)."""
+def _segments(buf: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, start of its payload, payload end) of a JPEG's marker segments, skipping entropy-coded data."""
     i, n = 2, len(buf)
     while i + 4 <= n:
         if buf[i] != 0xFF:
-            return None
+            return
         marker = buf[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:  # fill byte, TEM, RSTn, SOI: no length
+            i += 1 if marker == 0xFF else 2
             continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or scan data before any frame header
-            return None
-        (length,) = struct.unpack_from(">H", buf, i + 2)
-        if marker in _SOF:
-            if i + 9 > n:
-                return None
-            return struct.unpack_from(">HH", buf, i + 5)
-        i += 2 + length
-    return None
+        if marker == 0xD9:
+            return
+        end = i + 2 + struct.unpack_from(">H", buf, i + 2)[0]
+        yield marker, i + 4, min(end, n)
+        i = end
+        if marker == 0xDA:  # entropy-coded data up to the next marker that is not a stuffed 0xFF00 or an RSTn
+            while (i := buf.find(b"\xff", i)) >= 0 and i + 1 < n and (buf[i + 1] == 0 or 0xD0 <= buf[i + 1] <= 0xD7):
+                i += 2
+            if i < 0:
+                return
+
+
+def progressive_complete(buf: bytes) -> bool:
+    """Whether a progressive JPEG's scans bring every coefficient of every component to full precision.
+
+    A progressive file cut between two scans and closed with EOI decodes without a libjpeg warning, its last
+    refinements missing (found by tests/test_properties.py). ITU T.81 G.1.1: a scan codes coefficients Ss..Se
+    of its components down to bit Al; all 64 must reach Al = 0. True for a baseline JPEG.
+    """
+    comps: list[int] = []
+    done: set[tuple[int, int]] = set()
+    for marker, a, b in _segments(buf):
+        if marker in _SOF and marker not in (0xC2, 0xCA):  # not progressive (Huffman or arithmetic)
+            return True
+        if marker in (0xC2, 0xCA) and a + 6 <= b:  # frame header: P, Y, X, Nf, then (Ci, Hi|Vi, Tqi) each
+            comps = [buf[a + 6 + 3 * k] for k in range(buf[a + 5]) if a + 6 + 3 * k < b]
+        elif marker == 0xDA and a < b:
+            ns = buf[a]
+            ids = buf[a + 1 : a + 1 + 2 * ns : 2]
+            if a + 1 + 2 * ns + 3 > b:
+                return False
+            ss, se, ahal = buf[a + 1 + 2 * ns : a + 4 + 2 * ns]
+            if ahal & 0x0F == 0:
+                done.update((c, k) for c in ids for k in range(ss, min(se, 63) + 1))
+    return bool(comps) and len(done & {(c, k) for c in comps for k in range(64)}) == 64 * len(comps)
 
 
 def image_size(buf: bytes) -> tuple[int, int] | None:
     """(height, width) that the header of image file ``buf`` declares; None when unknown or unreadable."""
-    if buf[:2] == b"\xff\xd8":
-        return _jpeg_size(buf)
+    if buf[:2] == b"\xff\xd8":  # the first SOFn frame header (ITU T.81 B.2.2: length, precision, Y, X)
+        sof = next(((a, b) for m, a, b in _segments(buf) if m in _SOF), None)
+        return struct.unpack_from(">HH", buf, sof[0] + 1) if sof and sof[0] + 5 <= sof[1] else None
     if buf[:8] == _PNG and len(buf) >= 24 and buf[12:16] == b"IHDR":
         w, h = struct.unpack_from(">II", buf, 16)
         return h, w

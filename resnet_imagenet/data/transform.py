@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import simplejpeg
 
-from resnet_imagenet.data.imagesize import MAX_PIXELS, check_pixels
+from resnet_imagenet.data.imagesize import MAX_PIXELS, check_pixels, progressive_complete
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,10 @@ def decode_image(
     if img is None:
         # EXIF orientation ignored, as simplejpeg (and Caffe's OpenCV 2.4) do: one file, one geometry
         flag = (cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
-        img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
+        try:
+            img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
+        except cv2.error as e:
+            raise ValueError(f"not a readable image ({str(e).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
         raise ValueError("not a readable image (truncated, corrupt or not an image)")
     return img if img.ndim == 3 else img[:, :, None]
@@ -57,13 +60,18 @@ def _decode_jpeg(buf: bytes, channels: int, strict: bool) -> np.ndarray | None:
     """simplejpeg's decode; None where libjpeg-turbo cannot read the file at all (OpenCV then tries, unless strict).
 
     simplejpeg's strict=True raises on libjpeg's warnings too (TJFLAG_STOPONWARNING); the second, lenient
-    decode tells a warning (decodable, but corrupt) from an error.
+    decode tells a warning (decodable, but corrupt) from an error. A progressive JPEG cut between scans
+    raises no warning: strict also checks that its scans are all there.
     """
     space = "BGR" if channels == COLOR else "GRAY"
     try:
-        return simplejpeg.decode_jpeg(buf, colorspace=space, strict=True)
+        img = simplejpeg.decode_jpeg(buf, colorspace=space, strict=True)
     except (ValueError, RuntimeError) as e:
         warning = str(e).strip()
+    else:
+        if strict and not progressive_complete(buf):
+            raise ValueError("truncated progressive JPEG (its last scans are missing)")
+        return img
     try:
         img = simplejpeg.decode_jpeg(buf, colorspace=space, strict=False)
     except (ValueError, RuntimeError):
@@ -87,9 +95,9 @@ def native_channels(buf: bytes) -> int:
             pass
     try:
         check_pixels(buf)
-    except ValueError:
+        img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except (ValueError, cv2.error):
         return COLOR  # decode_image refuses it later, by name
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     return GRAY if img is not None and img.ndim == 2 else COLOR
 
 
