@@ -8,6 +8,7 @@ frame header), PNG (IHDR), BMP and GIF; any other goes to OpenCV, whose own limi
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 
@@ -18,6 +19,7 @@ MAX_PIXELS = (1 << 30) // 4 // 3
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 # JPEG frame headers SOF0..SOF15 (ITU T.81 table B.1); C4 (DHT), C8 (JPG) and CC (DAC) are not frames
+_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # in entropy-coded data: a marker, not a stuffed byte or RSTn
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
@@ -37,10 +39,10 @@ def _segments(buf: bytes) -> Iterator[tuple[int, int, int]]:
         yield marker, i + 4, min(end, n)
         i = end
         if marker == 0xDA:  # entropy-coded data up to the next marker that is not a stuffed 0xFF00 or an RSTn
-            while (i := buf.find(b"\xff", i)) >= 0 and i + 1 < n and (buf[i + 1] == 0 or 0xD0 <= buf[i + 1] <= 0xD7):
-                i += 2
-            if i < 0:
+            m = _MARKER.search(buf, i)
+            if m is None:
                 return
+            i = m.start()
 
 
 def progressive_complete(buf: bytes) -> bool:
@@ -51,7 +53,7 @@ def progressive_complete(buf: bytes) -> bool:
     of its components down to bit Al; all 64 must reach Al = 0. True for a baseline JPEG.
     """
     comps: list[int] = []
-    done: set[tuple[int, int]] = set()
+    done: dict[int, int] = {}  # component id -> bit k set when coefficient k has had its last bit (Al = 0)
     for marker, a, b in _segments(buf):
         if marker in _SOF and marker not in (0xC2, 0xCA):  # not progressive (Huffman or arithmetic)
             return True
@@ -64,8 +66,10 @@ def progressive_complete(buf: bytes) -> bool:
                 return False
             ss, se, ahal = buf[a + 1 + 2 * ns : a + 4 + 2 * ns]
             if ahal & 0x0F == 0:
-                done.update((c, k) for c in ids for k in range(ss, min(se, 63) + 1))
-    return bool(comps) and len(done & {(c, k) for c in comps for k in range(64)}) == 64 * len(comps)
+                band = ((1 << (min(se, 63) + 1)) - 1) & ~((1 << ss) - 1)
+                for c in ids:
+                    done[c] = done.get(c, 0) | band
+    return bool(comps) and all(done.get(c, 0) == (1 << 64) - 1 for c in comps)
 
 
 def image_size(buf: bytes) -> tuple[int, int] | None:
@@ -91,4 +95,4 @@ def check_pixels(buf: bytes, max_pixels: int = MAX_PIXELS) -> None:
         return
     hw = image_size(buf)
     if hw is not None and hw[0] * hw[1] > max_pixels:
-        raise ValueError(f"too large: {hw[0]}x{hw[1]} = {hw[0] * hw[1]} pixels, over --max-pixels {max_pixels}")
+        raise ValueError(f"too large: {hw[0]}x{hw[1]} = {hw[0] * hw[1]} pixels, over the limit of {max_pixels}")
