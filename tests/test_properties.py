@@ -20,7 +20,10 @@ from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import PrototxtError, parse_text
 
 FAST = settings(
-    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
 

@@ -76,7 +76,7 @@ def _decode_jpeg(buf: bytes, channels: int, strict: bool) -> np.ndarray | None:
         img = simplejpeg.decode_jpeg(buf, colorspace=space, strict=False)
     except (ValueError, RuntimeError):
         if strict:  # OpenCV would not say whether it met a warning
-            raise ValueError(f"not a readable JPEG (libjpeg: {warning})") from None
+            raise ValueError(f"not a readable JPEG (truncated or corrupt; libjpeg: {warning})") from None
         return None
     if strict:
         raise ValueError(f"corrupt JPEG (libjpeg: {warning})")
