@@ -28,6 +28,7 @@ from resnet_imagenet.data.autojobs import run_auto
 from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, in_range, read_list, walk_classes
+from resnet_imagenet.data.pool import WorkerDied
 from resnet_imagenet.data.target import class_list, count_records, lmdb_target
 from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
@@ -46,6 +47,7 @@ class ConvertOptions:
     encoded: bool = False
     encode_type: str = ""  # default: from the file name, as Caffe
     check_size: bool = False
+    max_pixels: int = T.MAX_PIXELS  # skip an image whose header declares more pixels (0: no limit)
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ class Summary:
 def make_datum(buf: bytes, label: int, name: str, opts: ConvertOptions) -> tuple[bytes, tuple[int, int, int]]:
     """One image file's bytes -> a serialized Datum and the image's (C, H, W) (caffe: io.cpp ReadImageToDatum)."""
     channels = T.GRAY if opts.gray else T.COLOR
-    img = T.decode_image(buf, channels, strict=True)
+    img = T.decode_image(buf, channels, strict=True, max_pixels=opts.max_pixels)
     if opts.resize_height and opts.resize_width:
         img = T.resize_exact(img, opts.resize_height, opts.resize_width)
     elif opts.min_dim:
@@ -138,6 +140,8 @@ def work(task: Task) -> Result:
         return name, label, None, f"bad image: {e}", None
     except cv2.error as e:
         return name, label, None, f"bad image: {str(e).strip().splitlines()[-1]}", None
+    except MemoryError:
+        return name, label, None, "bad image: out of memory decoding it (see --max-pixels)", None
 
 
 def _records(
@@ -241,6 +245,8 @@ def build_db(
             atomic_write_text(out.folder / META_NAME, _meta(summary, opts, meta))
             if (meta or {}).get("classes"):  # inside the DB folder: renamed into place with the records
                 atomic_write_text(out.folder / CLASSES_NAME, "".join(c + "\n" for c in meta["classes"]))
+    except WorkerDied as e:  # the temporary DB is removed (create_lmdb)
+        raise WorkerDied(f"{db} not written: {e}") from None
     except Interrupted as e:
         raise e.with_message(
             f"{db} not written ({summary.written} records were; the temporary DB is removed)"

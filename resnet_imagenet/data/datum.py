@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from resnet_imagenet.proto import caffe_pb2
 
@@ -32,8 +33,12 @@ def encode_datum(
 
 
 def parse_datum(raw: bytes) -> caffe_pb2.Datum:
+    """A serialized Datum; ValueError for bytes that are not one (a damaged record)."""
     d = caffe_pb2.Datum()
-    d.ParseFromString(raw)
+    try:
+        d.ParseFromString(raw)
+    except DecodeError as e:
+        raise ValueError(f"not a Datum ({e})") from None
     return d
 
 
@@ -42,6 +47,8 @@ def datum_to_array(d: caffe_pb2.Datum) -> np.ndarray:
     if d.encoded:
         raise ValueError("encoded datum: decode the image bytes instead")
     c, h, w = d.channels, d.height, d.width
+    if min(c, h, w) <= 0:
+        raise ValueError(f"datum of shape {c}x{h}x{w} holds no image")
     if len(d.data) == c * h * w:
         chw = np.frombuffer(d.data, dtype=np.uint8).reshape(c, h, w)
     elif len(d.float_data) == c * h * w:

@@ -8,6 +8,7 @@ place when complete (data/convert.py's builder).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ class LmdbWriter:
 
     def __init__(self, env: lmdb.Environment, folder: Path, *, append: bool, batch: int = 1000):
         self.env, self.folder, self.append, self.batch = env, folder, append, batch
+        self.name = ""  # the DB being built, for errors (create_lmdb sets it)
         self._pending: list[tuple[bytes, bytes]] = []
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -69,7 +71,10 @@ class LmdbWriter:
             self.commit()
 
     def commit(self) -> None:
-        """Write the pending records; a full map is doubled and the transaction redone (never MDB_MAP_FULL)."""
+        """Write the pending records; a full map is doubled and the transaction redone (never MDB_MAP_FULL).
+
+        Any other LMDB error (a full disk: LMDB reports a short write as EIO) raises WriteError naming the DB.
+        """
         while True:
             try:
                 with self.env.begin(write=True) as txn:
@@ -78,6 +83,10 @@ class LmdbWriter:
                 break
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                raise write_error(
+                    self.name or self.folder, self.folder, e, sum(len(v) for _, v in self._pending)
+                ) from None
         self._pending = []
 
 
@@ -106,6 +115,23 @@ def close_key_holes(path: str | os.PathLike) -> int:
     finally:
         env.close()
     return moved
+
+
+class WriteError(OSError, ValueError):
+    """A DB that could not be written (the disk full...): one line naming it (a ValueError for the cli)."""
+
+
+def write_error(db: str | os.PathLike, folder: Path, e: Exception, need: int = 0) -> WriteError:
+    """The one-line error of a failed write into ``folder`` (building ``db``), saying when the disk is full."""
+    try:
+        st = os.statvfs(folder if folder.exists() else folder.parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = -1
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space" in str(e)
+    if full or 0 <= free < need + (1 << 20):  # LMDB's EIO on a short write: judged by the space left
+        return WriteError(f"{db}: not written: the disk is full ({free / 1e6:.1f} MB free; {e})")
+    return WriteError(f"{db}: not written: {e}")
 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
@@ -147,11 +173,23 @@ def create_lmdb(
     """
     with atomic_path(path, is_dir=True, **atomic_kw) as tmp:
         # no fsync per commit: the DB is under a temporary name until env.sync(True) below
-        env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
+        try:
+            env = lmdb.open(str(tmp), map_size=map_size, meminit=False, sync=False, max_dbs=0)
+        except lmdb.Error as e:
+            raise write_error(path, tmp, e) from None
         try:
             writer = LmdbWriter(env, tmp, append=append)
-            yield writer
+            writer.name = str(path)
+            try:
+                yield writer
+            except OSError as e:  # the caller's own files in the folder (metadata) on a full disk
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise write_error(path, tmp, e) from None
+                raise
             writer.commit()
-            env.sync(True)
+            try:
+                env.sync(True)
+            except lmdb.Error as e:
+                raise write_error(path, tmp, e) from None
         finally:
             env.close()

@@ -19,6 +19,7 @@ import os
 import queue
 import signal
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import connection
 
 POLL_S = 1.0  # how often a waiting worker checks its parent, and the parent its workers
 
@@ -28,12 +29,20 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _worker(fn: Callable, tasks, results, parent: int) -> None:
+class WorkerDied(RuntimeError, ValueError):
+    """A decode process died (killed, out of memory): the build fails in one line (a ValueError for the cli)."""
+
+
+def _worker(fn: Callable, tasks, pipes: list, me: int, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for i, (reader, writer) in enumerate(pipes):  # keep only our own write end: see run_ordered
+        reader.close()
+        if i != me:
+            writer.close()
+    out = pipes[me][1]
     while True:
         if os.getppid() != parent:  # the parent was killed (-9): nobody reads our results
-            results.cancel_join_thread()
             return
         try:
             item = tasks.get(timeout=POLL_S)
@@ -42,7 +51,10 @@ def _worker(fn: Callable, tasks, results, parent: int) -> None:
         if item is None:
             return
         idx, chunk = item
-        results.put((idx, [fn(t) for t in chunk]))
+        try:
+            out.send((idx, [fn(t) for t in chunk]))
+        except OSError:  # the parent is gone (EPIPE)
+            return
 
 
 def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, window: int = 4) -> Iterator:
@@ -50,6 +62,9 @@ def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, windo
 
     Tasks travel in chunks: one round trip per image cost more than the decode it carried
     (1.28x on 2 cores for the encoded min_dim-256 build, 1.8x with chunks of 16).
+    Each worker sends its results through its own pipe, of which it holds the only write end: a worker
+    killed in the middle of a message (a chunk of 256-px records is megabytes, many pipe buffers) is an
+    end of file there, where a shared queue would leave the parent waiting for the rest of the message forever.
     """
     if jobs <= 1:
         yield from map(fn, tasks)
@@ -57,12 +72,16 @@ def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, windo
     it = iter(tasks)
     chunks = enumerate(iter(lambda: list(itertools.islice(it, chunk)), []))
     ctx = multiprocessing.get_context()
-    task_q, result_q = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(fn, task_q, result_q, os.getpid()), daemon=True) for _ in range(jobs)]
+    task_q = ctx.Queue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(jobs)]
+    procs = [ctx.Process(target=_worker, args=(fn, task_q, pipes, i, os.getpid()), daemon=True) for i in range(jobs)]
+    readers = [r for r, _ in pipes]
     clean = False
     try:
         for p in procs:
             p.start()
+        for _, w in pipes:
+            w.close()
         sent = 0
         for c in itertools.islice(chunks, jobs * window):
             task_q.put(c)
@@ -72,7 +91,7 @@ def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, windo
             if want == sent:
                 break
             while want not in done:
-                done.update([_get(result_q, procs)])
+                done.update(_get(readers, procs))
             c = next(chunks, None)
             if c is not None:
                 task_q.put(c)
@@ -91,19 +110,28 @@ def run_ordered(fn: Callable, tasks: Iterable, jobs: int, chunk: int = 16, windo
             for p in procs:
                 if p.pid is not None:
                     p.join(timeout=5)
-            for q in (task_q, result_q):  # never block at exit on data nobody will read
-                q.cancel_join_thread()
-        for q in (task_q, result_q):
-            q.close()
+            task_q.cancel_join_thread()  # never block at exit on data nobody will read
+        task_q.close()
+        for r in readers:
+            r.close()
 
 
-def _get(results, procs: list) -> tuple[int, list]:
-    """The next finished chunk; a worker that died (killed, out of memory) is an error, not a hang."""
-    while True:
-        try:
-            return results.get(timeout=POLL_S)
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode is not None]
-            if dead:
-                w = dead[0]
-                raise RuntimeError(f"a decode worker (pid {w.pid}) died with exit code {w.exitcode}") from None
+def _get(readers: list, procs: list) -> list[tuple[int, list]]:
+    """The chunks finished now; a worker that died (killed, out of memory) is an error, not a hang."""
+    ready = connection.wait(readers + [p.sentinel for p in procs], timeout=POLL_S)
+    out = []
+    for r in ready:
+        if r in readers:
+            w = procs[readers.index(r)]
+            try:
+                out.append(r.recv())
+                continue
+            except (EOFError, OSError):  # its pipe closed, maybe in the middle of a message
+                w.join(timeout=POLL_S)
+        else:
+            w = next(p for p in procs if p.sentinel == r)
+            w.join(timeout=POLL_S)
+        code = w.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+        raise WorkerDied(f"a decode worker (pid {w.pid}) {how} (out of memory?)")
+    return out

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import simplejpeg
 
+from resnet_imagenet.data.imagesize import MAX_PIXELS, check_pixels, progressive_complete
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,40 +28,76 @@ cv2.setNumThreads(1)  # one image per process; parallelism comes from processes
 COLOR, GRAY = 3, 1
 
 
-def decode_image(buf: bytes, channels: int = COLOR, *, strict: bool = False) -> np.ndarray:
+def decode_image(
+    buf: bytes, channels: int = COLOR, *, strict: bool = False, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
     """Image file bytes as an HxWxC BGR uint8 array (C = ``channels``: 3 colour or 1 gray).
 
     JPEGs go through simplejpeg (libjpeg-turbo, bit-identical to cv2.imdecode and faster);
     anything else (PNG, BMP...) through cv2.imdecode, which reads by content, not by name.
-    ``strict`` rejects truncated JPEGs that OpenCV would fill with gray.
+    ``strict`` (convert_imageset) rejects a JPEG on any libjpeg warning ("Corrupt JPEG data: premature
+    end of data segment"...), where the lenient decode (the loader) fills the lost rows with gray as OpenCV.
+    A header that declares more than ``max_pixels`` pixels is refused before decoding (data/imagesize.py).
     Raises ValueError for bytes that are not a readable image.
     """
     if not buf:
         raise ValueError("empty (zero-byte) file")
-    if buf[:2] == b"\xff\xd8":
+    check_pixels(buf, max_pixels)
+    img = _decode_jpeg(buf, channels, strict) if buf[:2] == b"\xff\xd8" else None
+    if img is None:
+        # EXIF orientation ignored, as simplejpeg (and Caffe's OpenCV 2.4) do: one file, one geometry
+        flag = (cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
         try:
-            img = simplejpeg.decode_jpeg(buf, colorspace="BGR" if channels == COLOR else "GRAY")
-            return img if img.ndim == 3 else img[:, :, None]
-        except (ValueError, RuntimeError) as e:
-            if strict and "Premature end" in str(e):
-                raise ValueError("truncated JPEG (premature end of data)") from None
-            # other libjpeg warnings (extraneous bytes...) are harmless: let OpenCV decode it
-    # EXIF orientation ignored, as simplejpeg (and Caffe's OpenCV 2.4) do: one file, one geometry
-    flag = (cv2.IMREAD_COLOR if channels == COLOR else cv2.IMREAD_GRAYSCALE) | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
+            img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), flag)
+        except cv2.error as e:
+            raise ValueError(f"not a readable image ({str(e).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
         raise ValueError("not a readable image (truncated, corrupt or not an image)")
     return img if img.ndim == 3 else img[:, :, None]
 
 
+def _decode_jpeg(buf: bytes, channels: int, strict: bool) -> np.ndarray | None:
+    """simplejpeg's decode; None where libjpeg-turbo cannot read the file at all (OpenCV then tries, unless strict).
+
+    simplejpeg's strict=True raises on libjpeg's warnings too (TJFLAG_STOPONWARNING); the second, lenient
+    decode tells a warning (decodable, but corrupt) from an error. A progressive JPEG cut between scans
+    raises no warning: strict also checks that its scans are all there.
+    """
+    space = "BGR" if channels == COLOR else "GRAY"
+    try:
+        img = simplejpeg.decode_jpeg(buf, colorspace=space, strict=True)
+    except (ValueError, RuntimeError) as e:
+        warning = str(e).strip()
+    else:
+        if strict and not progressive_complete(buf):
+            raise ValueError("truncated progressive JPEG (its last scans are missing)")
+        return img
+    try:
+        img = simplejpeg.decode_jpeg(buf, colorspace=space, strict=False)
+    except (ValueError, RuntimeError):
+        if strict:  # OpenCV would not say whether it met a warning
+            raise ValueError(f"not a readable JPEG (truncated or corrupt; libjpeg: {warning})") from None
+        return None
+    if strict:
+        raise ValueError(f"corrupt JPEG (libjpeg: {warning})")
+    return img
+
+
 def native_channels(buf: bytes) -> int:
-    """Channels an image file decodes to natively (caffe: DecodeDatumToCVMatNative): 1 for gray, else 3."""
+    """Channels an image file decodes to natively (caffe: DecodeDatumToCVMatNative): 1 for gray, else 3.
+
+    Reads the header only for JPEGs; other formats are decoded, after the pixel limit (decode_image's).
+    """
     if buf[:2] == b"\xff\xd8":
         try:
             return GRAY if simplejpeg.decode_jpeg_header(buf)[2] == "Gray" else COLOR
         except ValueError:
             pass
-    img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        check_pixels(buf)
+        img = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_ANYCOLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except (ValueError, cv2.error):
+        return COLOR  # decode_image refuses it later, by name
     return GRAY if img is not None and img.ndim == 2 else COLOR
 
 

@@ -40,6 +40,12 @@ _CONVERT_FLAGS = (
     (("--encoded", "-encoded"), _ON, "store the encoded image file instead of raw pixels"),
     (("--encode_type", "-encode_type"), {}, "re-encode as this (jpg, png...); default: keep the file's"),
     (("--check_size", "-check_size"), _ON, "skip images whose size differs from the first's"),
+    (
+        ("--max-pixels",),
+        {"type": int, "dest": "max_pixels"},
+        "skip images whose header declares more pixels "
+        "(decompression bombs; default %(default)s, PIL's limit; 0: none)",
+    ),
     (("--backend", "-backend"), {"default": "lmdb", "choices": ["lmdb"]}, "only lmdb"),
     (
         ("--jobs",),
