@@ -25,6 +25,7 @@ Decoder = Callable[[bytes, int], np.ndarray]
 def decode_fast(buf: bytes, channels: int = T.COLOR) -> np.ndarray:
     """Image bytes as HxWxC BGR uint8, JPEGs with libjpeg-turbo's fast IDCT and upsampling (not bit-exact)."""
     if buf[:2] == b"\xff\xd8":
+        T.check_pixels(buf, T.MAX_PIXELS)  # the header's size first, as decode_image (a decompression bomb)
         try:  # strict=True (simplejpeg's default): any libjpeg warning raises, and decode_image takes over
             img = simplejpeg.decode_jpeg(
                 buf, colorspace="BGR" if channels == T.COLOR else "GRAY", fastdct=True, fastupsample=True
