@@ -3,8 +3,6 @@ cv2.imdecode, its fallbacks to the exact path, the feed's ``decode=`` choice -- 
 
 from __future__ import annotations
 
-import re
-
 import cv2
 import numpy as np
 import pytest
