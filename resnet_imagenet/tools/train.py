@@ -27,11 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a("--weights", default=d["weights"], help="fine-tune from .caffemodel(s), comma separated (not with --snapshot)")
     add_gpu_flag(p, default="GPUs if any, else CPU")  # TrainOptions.gpu None: GPUs if any (one process per GPU)
     for dest, help_ in (
-        ("amp", "GPU: no mixed precision (fp32)"),
-        ("channels_last", "GPU: NCHW memory layout"),
+        ("amp", "no mixed precision (fp32)"),
+        ("channels_last", "NCHW memory layout"),
         ("cudnn_benchmark", "GPU: fixed conv kernels"),
     ):
         a("--no-" + dest.replace("_", "-"), dest=dest, action="store_false", default=d[dest], help=help_)
+    a("--amp-dtype", default=d["amp_dtype"], choices=["auto", "bf16", "fp16"],
+      help="auto: bf16 on a GPU that has it, else fp16 with a gradient scaler; fp32 on the CPU. "
+      "bf16 / fp16: that autocast on any device, the CPU too (fp16 with torch's GradScaler)")  # fmt: skip
+    cl_help = "NHWC also on the CPU (default: on a GPU only)"
+    a("--channels-last", dest="channels_last", action="store_true", default=d["channels_last"], help=cl_help)
     a(
         "--sync-bn",
         action="store_true",

@@ -59,6 +59,28 @@ def log_nets(sp: caffe_pb2.SolverParameter, net_params: list[caffe_pb2.NetParame
         log.info("Initializing net from parameters: \n%s", to_text(np_))
 
 
+def log_setup(trainer) -> None:
+    """What Caffe logs while a trainer sets up: the resolved solver, the nets, the devices, the starting point."""
+    opts, procs, prec = trainer.opts, trainer.procs, trainer.prec
+    log.info("Initializing solver from parameters: \n%s", to_text(trainer.sp))
+    if procs.gpu_ids is None:
+        log.info("Use CPU.")
+    else:
+        log.info("Using GPUs %s", ", ".join(str(i) for i in procs.gpu_ids))
+        log.info("GPU %d: %s", procs.device.index, torch.cuda.get_device_name(procs.device))
+    if procs.gpu_ids is not None or prec.amp_dtype is not None or prec.channels_last:
+        log.info("%s", prec)
+    batch = trainer.feeds.batch_size
+    log.info("%d process(es), batch %d per process, random seed %d", procs.world_size, batch, trainer.seed)
+    log_nets(trainer.sp, trainer.net_params, test=procs.rank == 0)
+    if opts.sync_bn:
+        log.info("BatchNorm statistics are synchronised across processes")
+    if opts.weights:
+        log.info("Finetuning from %s", opts.weights)
+    if opts.snapshot:
+        log.info("Restoring previous solver status from %s", opts.snapshot)
+
+
 class SmoothedLoss:
     """caffe: Solver::UpdateSmoothedLoss -- the mean of the last average_loss losses (saved in snapshots)."""
 
@@ -103,13 +125,20 @@ class Display:
     def due(self, it: int) -> bool:
         return bool(self.every) and it % self.every == 0
 
-    def log(self, it: int, loss: float, outputs: list[float], counts: dict[str, int]) -> None:
-        """The display lines of iteration ``it`` (``outputs``: flat_outputs averaged over processes)."""
+    def log(
+        self, it: int, loss: float, outputs: list[float], counts: dict[str, int], data_wait: float | None = None
+    ) -> None:
+        """The display lines of iteration ``it`` (``outputs``: flat_outputs averaged over processes).
+
+        ``data_wait``: seconds spent waiting for batches since the last display (step.DataWait), logged as
+        the share of the time (the device's idle share due to the loader)."""
         lapse = time.time() - self.since
         per_s = (it - self.since_iter) / (lapse or 1)
         log.info("Iteration %d (%s iter/s, %ss/%d iters), loss = %s", it, g(per_s), g(lapse), self.every, g(loss))
         log_outputs(self.net, outputs, counts, "Train")
         if it > self.since_iter:
             eta = (self.max_iter - it) / per_s if per_s else float("inf")
-            log.info("    Speed: %.1f images/s (%d per iteration), ETA %s", per_s * self.images, self.images, hms(eta))
+            wait = f", data wait {100 * data_wait / (lapse or 1):.1f}%" if data_wait is not None else ""
+            speed = per_s * self.images
+            log.info("    Speed: %.1f images/s (%d per iteration), ETA %s%s", speed, self.images, hms(eta), wait)
         self.start(it)

@@ -1,14 +1,13 @@
 """Processes and devices for training: one code path for 1 or N processes launched by torchrun.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE; without them we are one process.
-The backend is gloo on CPU and nccl on GPU. Also the GPU's precision (AMP, channels_last), and
+The backend is gloo on CPU and nccl on GPU (the precision of a step: step.py). Also
 Caffe-BatchNorm synchronised across processes (``--sync-bn``): batch statistics summed over all
 processes with an autograd-aware all_reduce.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -37,38 +36,6 @@ class Procs:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-@dataclass
-class Precision:
-    """How a GPU computes: AMP in bf16 (or fp16 with a gradient scaler), channels_last; the CPU: fp32, NCHW."""
-
-    amp_dtype: torch.dtype | None = None
-    channels_last: bool = False
-    cudnn_benchmark: bool = False
-    scaler: torch.amp.GradScaler | None = None
-
-    @classmethod
-    def on(cls, device: torch.device, *, amp: bool, channels_last: bool, cudnn_benchmark: bool) -> Precision:
-        """The settings asked for, where ``device`` has them (sets cudnn.benchmark on a GPU)."""
-        if device.type != "cuda":
-            return cls()
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        dtype = None
-        if amp:
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return cls(dtype, channels_last, cudnn_benchmark, scaler)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The AMP context of a forward pass (nothing without AMP)."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
-
-    def __str__(self) -> str:
-        amp = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16 with a gradient scaler"}[self.amp_dtype]
-        return f"AMP {amp}, channels_last {self.channels_last}, cudnn.benchmark {self.cudnn_benchmark}"
 
 
 def env_procs() -> tuple[int, int, int, int]:

@@ -16,8 +16,9 @@ class TrainOptions:
     snapshot: str | None = None  # a .solverstate to resume from
     weights: str | None = None  # .caffemodel(s) to fine-tune from, comma separated
     gpu: str | None = None  # cpu, cpu:N, all, or ids "0,1"; None: GPUs when present (solver_mode CPU: the CPU)
-    amp: bool = True  # GPU: mixed precision (bf16, or fp16 with a gradient scaler)
-    channels_last: bool = True  # GPU: NHWC memory layout
+    amp: bool = True  # mixed precision, in amp_dtype (False: fp32 everywhere)
+    amp_dtype: str = "auto"  # auto: GPU bf16 (fp16 + GradScaler without bf16), CPU fp32; bf16 / fp16: on any device
+    channels_last: bool | None = None  # NHWC memory layout; None: on a GPU, not on the CPU
     cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest conv kernels
     sync_bn: bool = False  # BatchNorm statistics over all processes (Caffe: per process)
     data_order: str = (

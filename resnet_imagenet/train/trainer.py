@@ -11,7 +11,6 @@ solverstate's content) is the dict of its parts' state_dict()s; snapshot.py writ
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 import os
@@ -20,11 +19,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from resnet_imagenet.proto.text import TEST, TRAIN, to_text
+from resnet_imagenet.proto.text import TEST, TRAIN
 from resnet_imagenet.solver.solver import CaffeSolver
 from resnet_imagenet.train import dist as D
-from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_nets
-from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged, capped_counts
+from resnet_imagenet.train.display import Display, SmoothedLoss, flat_outputs, g, log_setup
+from resnet_imagenet.train.guard import DivergenceGuard, TrainingDiverged
 from resnet_imagenet.train.options import TrainOptions
 from resnet_imagenet.train.resume import check_resume, load_rank_state, resume_weights
 from resnet_imagenet.train.setup import (
@@ -46,6 +45,7 @@ from resnet_imagenet.train.snapshot import (
     snapshot_paths,
 )
 from resnet_imagenet.train.solverstate import SolverStateFile
+from resnet_imagenet.train.step import DataWait, Precision, forward_backward, last_forward
 from resnet_imagenet.train.testpass import test_all
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,8 @@ class Trainer:
         self.prefix = resolve_snapshot_prefix(sp, opts.solver)
         gpu = opts.gpu if opts.gpu is not None or sp.solver_mode == sp.GPU else "cpu"
         self.procs = P = D.check_procs(gpu) if opts.check else D.init_procs(gpu)
-        self.prec = D.Precision.on(
-            P.device, amp=opts.amp, channels_last=opts.channels_last, cudnn_benchmark=opts.cudnn_benchmark
-        )
+        self.prec = Precision.of(P.device, opts)
+        self.wait = DataWait()
         # Resume state first: its seed drives the data order.
         state = load_solverstate(opts.snapshot, sp.max_iter) if opts.snapshot else None
         self.seed = self._seed(state)
@@ -118,26 +117,6 @@ class Trainer:
             self.net, TRAIN, rank=P.rank, world=P.world_size, order=self.opts.data_order, **kw
         )
         self.test_feeds: list[Feeds] = [build_feeds(t, TEST, rank=0, world=1, **kw) for t in self.test_nets]
-
-    def _log_setup(self) -> None:
-        """What Caffe logs while it sets up: the resolved solver, the nets, the devices, the starting point."""
-        opts, dev = self.opts, self.procs.device
-        log.info("Initializing solver from parameters: \n%s", to_text(self.sp))
-        if self.procs.gpu_ids is None:
-            log.info("Use CPU.")
-        else:
-            log.info("Using GPUs %s", ", ".join(str(i) for i in self.procs.gpu_ids))
-            log.info("GPU %d: %s", dev.index, torch.cuda.get_device_name(dev))
-            log.info("%s", self.prec)
-        batch = self.feeds.batch_size
-        log.info("%d process(es), batch %d per process, random seed %d", self.procs.world_size, batch, self.seed)
-        log_nets(self.sp, self.net_params, test=self.procs.rank == 0)
-        if opts.sync_bn:
-            log.info("BatchNorm statistics are synchronised across processes")
-        if opts.weights:
-            log.info("Finetuning from %s", opts.weights)
-        if opts.snapshot:
-            log.info("Restoring previous solver status from %s", opts.snapshot)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -220,26 +199,6 @@ class Trainer:
         """Rank 0 scores every TEST net (testpass.test_all); a STOP signal interrupts."""
         test_all(self.sp, self.test_nets, self.test_feeds, it=self.iter, stopped=lambda: self.signals.peek() == STOP)
 
-    def _forward_backward(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """iter_size passes whose gradients accumulate (DDP syncs on the last).
-
-        Returns ([mean loss, items at the loss cap, loss items], outputs)."""
-        iter_size, P = self.sp.iter_size, self.procs
-        self.net.zero_grad(set_to_none=False)
-        loss_sum = torch.zeros((), device=P.device)
-        capped = torch.zeros(2, device=P.device)
-        for k in range(iter_size):
-            sync = k == iter_size - 1 or not P.distributed
-            with self.model.no_sync() if not sync else contextlib.nullcontext():
-                with self.prec.autocast():
-                    out = self.model(**self.feeds.next())
-                    loss = self.net.loss(out)
-                if loss.requires_grad:
-                    (self.prec.scaler.scale(loss) if self.prec.scaler is not None else loss).backward()
-            loss_sum += loss.detach()
-            capped += capped_counts(self.net, P.device)
-        return torch.cat([loss_sum.reshape(1) / iter_size, capped]), out
-
     def _update_loss(self, loss: float, capped: float, count: float) -> None:
         """caffe: UpdateSmoothedLoss; a NaN, inf or stuck loss stops training instead (guard.py, TrainingDiverged)."""
         self.guard.check(self.iter, loss, capped, count, self.last_snapshot, self.procs.rank)
@@ -249,12 +208,13 @@ class Trainer:
         """Caffe's Step loop up to max_iter (see the module docstring)."""
         sp, P = self.sp, self.procs
         self.display.start(self.iter)
+        self.wait.take()
         while self.iter < sp.max_iter:
             if sp.test_interval and self.iter % sp.test_interval == 0 and (self.iter > 0 or sp.test_initialization):
                 if P.rank == 0:
                     self._test_all()
             display = self.display.due(self.iter)
-            loss, out = self._forward_backward()
+            loss, out = forward_backward(self)
             pending = self.signals.take()
             parts = [loss, torch.tensor([pending == SNAPSHOT, pending == STOP], device=P.device)]
             if display:
@@ -264,7 +224,8 @@ class Trainer:
             self._update_loss(red[0] / P.world_size, red[1], red[2])
             red = red[:1] + red[3:]  # [loss, snapshot, stop, outputs...]
             if display:
-                self.display.log(self.iter, self.loss.smoothed, [v / P.world_size for v in red[3:]], counts)
+                outputs = [v / P.world_size for v in red[3:]]
+                self.display.log(self.iter, self.loss.smoothed, outputs, counts, data_wait=self.wait.take())
             self.solver.apply_update(self.iter, self.prec.scaler, display=display)
             self.iter += 1
             action = (SNAPSHOT if red[1] > 0 else NONE) if red[2] == 0 else STOP
@@ -277,14 +238,8 @@ class Trainer:
                 break
 
     def _last_display(self) -> None:
-        """caffe: Solve's extra TRAIN forward for the last display. Unlike Caffe we keep its BatchNorm
-        statistics out of the net, so the final test scores the saved snapshot."""
-        saved = [b.clone() for b in self.net.buffers()]
-        with torch.no_grad(), self.prec.autocast():
-            loss = self.net.loss(self.model(**self.feeds.next())).reshape(1)
-            for b, old in zip(self.net.buffers(), saved):
-                b.copy_(old)
-        self.loss.update(self._reduce(loss.float())[0] / self.procs.world_size, self.iter)
+        """caffe: Solve's extra TRAIN forward (step.last_forward) and its display line."""
+        self.loss.update(self._reduce(last_forward(self))[0] / self.procs.world_size, self.iter)
         log.info("Iteration %d, loss = %s", self.iter, g(self.loss.smoothed))
 
     def solve(self) -> None:
@@ -296,7 +251,7 @@ class Trainer:
         else:
             # different random streams per process (dropout), the same data order everywhere
             torch.manual_seed(self.seed + P.rank)
-        self._log_setup()
+        log_setup(self)
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", sp.lr_policy)
         opts = self.opts
