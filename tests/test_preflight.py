@@ -161,6 +161,32 @@ def test_class_list_longer_than_num_output_is_a_problem(tmp_path):
     )
 
 
+def test_test_iter_up_to_ceil_of_the_test_db_is_accepted(tmp_path):
+    from resnet_imagenet.proto import caffe_pb2
+    from resnet_imagenet.train import preflight
+
+    db(tmp_path, "val_lmdb", "abc")  # 12 records
+    feeds = preflight.sources(_test_net(5), "net.prototxt (TEST)", tmp_path)
+    sp = caffe_pb2.SolverParameter(test_iter=[3])  # 15 = ceil(12 / 5) batches: only the last wraps
+    assert preflight.test_iter_problems(sp, [feeds]) == []
+    sp.test_iter[:] = [4]
+    assert preflight.test_iter_problems(sp, [feeds]) == [
+        f"test_iter 4 x batch_size 5 = 20 images per test pass, but TEST {tmp_path / 'val_lmdb'} (layer 'data' of "
+        "net.prototxt (TEST)) has 12: images would count more than once; set test_iter: 2"
+    ]
+
+
+def _test_net(batch: int):
+    from resnet_imagenet.proto import caffe_pb2
+    from resnet_imagenet.proto.text import parse_text
+
+    return parse_text(
+        f'layer {{ name: "data" type: "Data" top: "data" top: "label" data_param {{ source: "val_lmdb" '
+        f"batch_size: {batch} }} }}",
+        caffe_pb2.NetParameter(),
+    )
+
+
 def test_train_warns_of_a_test_pass_longer_than_the_test_db_and_runs(tmp_path):
     project(tmp_path, val="abcd", test_iter=5)  # 5 x 4 = 20 > 16 images
     r = cli(tmp_path, "train", "--solver", "solver.prototxt", "--workers", "0")

@@ -109,7 +109,7 @@ def _mean_from(model: str | os.PathLike, found, channels: int) -> np.ndarray | N
         base = path.parent
         if not (base / tp.mean_file).is_file():
             raise FileNotFoundError(f"{path}: layer '{lp.name}': mean_file {tp.mean_file} not found (from the cwd or "
-                                    f"{base}); give --mean")  # fmt: skip
+                                    f"{base}); give --mean (a file, values, or none)")  # fmt: skip
     what = f"mean_file {tp.mean_file}" if tp.HasField("mean_file") else f"mean_value {list(tp.mean_value)}"
     log.info("Mean: %s (layer '%s' of %s)", what, lp.name, path)
     return load_mean(tp, channels, base, layer=lp.name)

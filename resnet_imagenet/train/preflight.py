@@ -143,14 +143,15 @@ def classifier_problems(net: caffe_pb2.NetParameter, feeds: list[Source]) -> lis
 
 
 def test_iter_problems(sp: caffe_pb2.SolverParameter, tests: list[list[Source]]) -> list[str]:
-    """test_iter x batch_size over a TEST DB's size: one test pass would count images more than once."""
+    """test_iter x batch_size over a TEST DB's size by a whole batch or more: one test pass would count images
+    more than once. test_iter = ceil(images / batch_size), a common habit, wraps only the last batch: let be."""
     out = []
     for k, feeds in enumerate(tests):
         for s in feeds:
             if s.layer.type != "Data" or k >= len(sp.test_iter):
                 continue
             n, it = _db_count(s), sp.test_iter[k]
-            if n is not None and it * s.batch > n:
+            if n is not None and it > -(-n // s.batch):
                 out.append(
                     f"test_iter {it} x batch_size {s.batch} = {it * s.batch} images per test pass, but TEST "
                     f"{s.name} has {n}: images would count more than once; set test_iter: {max(1, n // s.batch)}"
