@@ -88,7 +88,12 @@ def net_transform(model: str | os.PathLike) -> tuple[caffe_pb2.LayerParameter, P
 
     beside = Path(model).with_name("train_val.prototxt")
     for path in [Path(model)] + ([beside] if beside.is_file() and beside != Path(model) else []):
-        for lp in filter_net(read_net(path), TEST).layer:
+        try:
+            layers = filter_net(read_net(path), TEST).layer
+        except ValueError as e:  # an unreadable train_val beside the model: not the model's fault
+            log.warning("%s: not read for the mean (%s)", path, e)
+            continue
+        for lp in layers:
             tp = lp.transform_param
             if lp.type in ("Data", "ImageData") and (tp.HasField("mean_file") or tp.mean_value or tp.HasField("scale")):
                 return lp, path
