@@ -133,7 +133,7 @@ def test_bad_images_one_line_each_others_run(colour_net, tmp_path, capsys) -> No
     cv2.imwrite(str(good), img)
     (tmp_path / "bad.jpg").write_bytes(good.read_bytes()[:20])  # truncated JPEG
     (tmp_path / "empty.jpg").write_bytes(b"")
-    args = ["classify", "--model", str(model), "--weights", str(weights), "--labels", str(labels)]
+    args = ["classify", "--model", str(model), "--weights", str(weights), "--labels", str(labels), "--mean", "none"]
     paths = [tmp_path / "bad.jpg", good, tmp_path / "missing.jpg", tmp_path / "empty.jpg", good]
     assert cli.main(args + [str(p) for p in paths]) == 1
     cap = capsys.readouterr()

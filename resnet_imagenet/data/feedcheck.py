@@ -36,6 +36,8 @@ def check_sizes(
         return  # sizes vary by design: resized first
     if mean_file and mean is not None and not (c["crop"] and mean.shape[1:] == (c["crop"], c["crop"])):
         c["size"], c["size_from"] = tuple(mean.shape[-2:]), f"the size of mean_file {mean_file}"
+        if problem := resized_mean_problem(layer, source, meta, c["size"], mean_file):
+            raise ValueError(problem)
         if img is not None and img.shape[:2] != c["size"]:
             raise ValueError(
                 f"layer '{layer}': {mean_file}: mean_file is {c['size']} but record 0 of {source} is "
@@ -55,6 +57,21 @@ def check_sizes(
         )
     if odd:
         log.warning("%s: %d records are not %s (%s): they will be skipped", source, odd, want[1:], c["size_from"])
+
+
+def resized_mean_problem(layer: str, source: Path, meta: dict | None, mean_hw: tuple, mean_file: str) -> str | None:
+    """A full-size mean over a DB built with --min_dim (records of many sizes, per the build's META_NAME): most
+    records cannot take it (caffe: data_transformer.cpp CHECK_EQ(datum_height, data_mean_.height()))."""
+    shapes, min_dim = (meta or {}).get("shapes") or {}, ((meta or {}).get("options") or {}).get("min_dim")
+    want = "x{}x{}".format(*mean_hw)
+    fits, total = sum(n for s, n in shapes.items() if s.endswith(want)), sum(shapes.values())
+    if not min_dim or fits == total:
+        return None
+    return (
+        f"layer '{layer}': {mean_file} is a full-size {want[1:]} mean, but {source} was built with --min_dim "
+        f"{min_dim} ({fits} of its {total} records are {want[1:]}; its {META_NAME} lists {', '.join(shapes)}): "
+        "use mean_value (compute_image_mean logs the per-channel values) or a mean of crop_size"
+    )
 
 
 def check_meta_labels(layer: str, source: Path, meta: dict | None, classes: int, ignore: int | None, what: str) -> None:

@@ -69,3 +69,34 @@ def _copy_blob(blob: caffe_pb2.BlobProto, t: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: shape mismatch: weights file has {src_shape}, net has {want}")
     with torch.no_grad():
         t.copy_(torch.from_numpy(blob_to_array(blob).reshape(want)))
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_weights(net: torch.nn.Module, path: str | os.PathLike, *, missing: str = "refuse") -> list[str]:
+    """A CaffeNet's ``load_caffemodel(path)``, then the net's layers with blobs that got none (returned, in net order).
+
+    Caffe copies what matches by name and says nothing of the rest, so a caffemodel of another net runs on
+    fillers. ``missing``: ``refuse`` (test, classify: a ValueError naming them), ``allow`` (a warning naming
+    them: --allow-missing-weights), ``finetune`` (train --weights: new layers start from their fillers, with a
+    warning; refused only when the file gives weights to none).
+    """
+    got: set[str] = set()
+    for p, src in read_caffemodels(path):
+        try:
+            net.copy_from(src)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
+        got.update(lp.name for lp in src.layer if lp.blobs)
+    owners = [name for name, m in net.layers.items() if m.blobs()]
+    lacking = [name for name in owners if name not in got]
+    if not lacking:
+        return lacking
+    what = f"{path}: no weights for {len(lacking)} of the net's {len(owners)} layers with blobs ({_names(lacking)})"
+    if missing == "refuse" or (missing == "finetune" and len(lacking) == len(owners)):
+        hint = "--allow-missing-weights runs them on their fillers" if missing == "refuse" else "nothing to fine-tune"
+        raise ValueError(f"{what}: weights are copied by layer name; is it another net's file? ({hint})")
+    log.warning("%s: they start from their fillers", what)
+    return lacking

@@ -1,5 +1,9 @@
 """``classify``: top-5 classes of image files with a deploy net, preprocessed as the model was trained.
 
+Mean and scale: ``--mean`` / ``--scale`` when given; else the transform_param of the TEST-phase data layer of the
+model, or of the ``train_val.prototxt`` beside a deploy prototxt (the zoo's and BVLC's layout), as the model was
+tested; else no mean and scale 1, with a warning (``--mean none`` says so on purpose).
+
 Geometry: the shorter side is resized to 256/224 of the net's input size, then the centre crop of the input size
 is taken (256 -> 224 for ImageNet nets); when the mean is a full-size image mean (e.g. 256x256 from
 compute_image_mean over a ``--resize_height/--resize_width`` LMDB), the image is resized to the mean's size
@@ -76,6 +80,46 @@ def _read_names(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def net_transform(model: str | os.PathLike) -> tuple[caffe_pb2.LayerParameter, Path] | None:
+    """The TEST-phase Data / ImageData layer with a mean or scale of ``model``, else of the train_val.prototxt
+    beside it; with the prototxt it is in."""
+    from resnet_imagenet.net.phase import filter_net
+    from resnet_imagenet.proto.text import TEST, read_net
+
+    beside = Path(model).with_name("train_val.prototxt")
+    for path in [Path(model)] + ([beside] if beside.is_file() and beside != Path(model) else []):
+        try:
+            layers = filter_net(read_net(path), TEST).layer
+        except ValueError as e:  # an unreadable train_val beside the model: not the model's fault
+            log.warning("%s: not read for the mean (%s)", path, e)
+            continue
+        for lp in layers:
+            tp = lp.transform_param
+            if lp.type in ("Data", "ImageData") and (tp.HasField("mean_file") or tp.mean_value or tp.HasField("scale")):
+                return lp, path
+    return None
+
+
+def _mean_from(model: str | os.PathLike, found, channels: int) -> np.ndarray | None:
+    """The mean of the data layer ``found`` (net_transform): mean_file from the cwd as Caffe, else beside the
+    prototxt; None (with a warning) where there is none."""
+    if found is None or not (found[0].transform_param.HasField("mean_file") or found[0].transform_param.mean_value):
+        log.warning("%s: no --mean and no mean in a TEST data layer (nor a train_val.prototxt beside it): "
+                    "subtracting nothing (--mean none: on purpose)", model)  # fmt: skip
+        return None
+    lp, path = found
+    tp = lp.transform_param
+    base = None
+    if tp.HasField("mean_file") and not Path(tp.mean_file).is_file():
+        base = path.parent
+        if not (base / tp.mean_file).is_file():
+            raise FileNotFoundError(f"{path}: layer '{lp.name}': mean_file {tp.mean_file} not found (from the cwd or "
+                                    f"{base}); give --mean (a file, values, or none)")  # fmt: skip
+    what = f"mean_file {tp.mean_file}" if tp.HasField("mean_file") else f"mean_value {list(tp.mean_value)}"
+    log.info("Mean: %s (layer '%s' of %s)", what, lp.name, path)
+    return load_mean(tp, channels, base, layer=lp.name)
+
+
 def parse_mean(mean: str | os.PathLike | None, channels: int) -> np.ndarray | None:
     """``--mean``: a mean.binaryproto (C x H x W) or per-channel values ``104,117,123`` (C x 1 x 1); None = none."""
     if mean is None:
@@ -107,12 +151,18 @@ class Classifier:
         *,
         ten_crop: bool = False,
         gpu: str | None = None,
-        scale: float = 1.0,
+        scale: float | None = None,
+        allow_missing_weights: bool = False,
     ):
+        """``mean`` None and ``scale`` None: the model's transform_param (module doc); ``mean`` "none": no mean."""
         from resnet_imagenet.net.net import load_net
+        from resnet_imagenet.net.weights import load_weights
 
         self.device = torch.device(one_device(gpu))  # one process: one GPU id, or the CPU
-        self.net = load_net(model, weights=weights, phase="test").to(self.device).eval()
+        self.net = load_net(model, phase="test")
+        if weights:
+            load_weights(self.net, weights, missing="allow" if allow_missing_weights else "refuse")
+        self.net = self.net.to(self.device).eval()
         if not self.net.input_names:
             raise ValueError(f"{model}: the net has no input")
         self.input = self.net.input_names[0]
@@ -122,7 +172,13 @@ class Classifier:
         self.channels, self.crop_h, self.crop_w = int(shape[1]), int(shape[2]), int(shape[3])
         if self.crop_h != self.crop_w:
             raise ValueError(f"{model}: input {self.crop_h}x{self.crop_w} is not square")
-        self.mean = parse_mean(mean, self.channels)
+        found = net_transform(model) if mean is None or scale is None else None
+        if mean is None:
+            self.mean = _mean_from(model, found, self.channels)
+        else:
+            self.mean = None if str(mean).lower() == "none" else parse_mean(mean, self.channels)
+        if scale is None:
+            scale = found[0].transform_param.scale if found else 1.0
         self.scale, self.ten_crop = scale, ten_crop
         outs = [b for b in self.net.output_names if b not in self.net.loss_weights]
         if len(outs) != 1:
@@ -172,11 +228,22 @@ def format_prediction(pred: Prediction) -> str:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    scale = inspect.signature(Classifier).parameters["scale"].default
+    params = inspect.signature(Classifier).parameters
     p = add_command(sub, "classify")
     p.add_argument("--model", required=True, help="deploy prototxt")
     p.add_argument("--weights", required=True, help=".caffemodel")
-    p.add_argument("--mean", default=None, help="mean.binaryproto, or per-channel values such as 104,117,123")
+    p.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        default=params["allow_missing_weights"].default,
+        help="run layers the caffemodel has no weights for on their fillers (default: refuse, naming them)",
+    )
+    p.add_argument(
+        "--mean",
+        default=params["mean"].default,
+        help="mean.binaryproto, per-channel values such as 104,117,123, or none; default: the mean_file / "
+        "mean_value of the model's TEST data layer, or of the train_val.prototxt beside it, else none (warned)",
+    )
     labels_help = (
         "synset_words.txt, a class list (one name per line) or an LMDB built from class folders "
         "(default: the shipped ImageNet-1k list for "
@@ -184,7 +251,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, help=labels_help + "1000-class nets)")
     p.add_argument("--ten-crop", action="store_true", help="average 10 crops: 4 corners + centre, each mirrored")
     p.add_argument(
-        "--scale", type=float, default=scale, help=f"transform_param scale the model was trained with (default {scale})"
+        "--scale",
+        type=float,
+        default=params["scale"].default,
+        help="transform_param scale the model was trained with (default: as --mean finds it, else 1)",
     )
     add_gpu_flag(p, default="CPU")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -193,8 +263,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     clf = Classifier(
-        args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu, scale=args.scale
-    )
+        args.model, args.weights, args.mean, args.labels, ten_crop=args.ten_crop, gpu=args.gpu, scale=args.scale,
+        allow_missing_weights=args.allow_missing_weights,
+    )  # fmt: skip
     failed = 0
     for path in args.images:
         try:

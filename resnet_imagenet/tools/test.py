@@ -111,13 +111,15 @@ def evaluate(
     num_workers: int = 2,
     base_dir: str | os.PathLike | None = None,
     on_batch: Callable[[int, list[tuple[str, float]]], None] | None = None,
+    allow_missing_weights: bool = False,
 ) -> Scores:
     """Score the TEST phase of ``model`` with ``weights``: every output blob's mean and the total loss (Scores).
 
     ``gpu`` is train's ``--gpu`` (cpu, all, or ids: one per process under torchrun); None is the CPU, as
     ``caffe test`` without -gpu. Under torchrun this joins the process group (gloo on CPU, nccl on GPU) and
     leaves it when done, unless the caller had started it. ``on_batch(i, [(output, value), ...])`` is called on
-    rank 0 after each of its batches (``caffe test`` logs each batch).
+    rank 0 after each of its batches (``caffe test`` logs each batch). A layer with blobs that ``weights``
+    does not reach (matched by layer name) is refused unless ``allow_missing_weights``.
     """
     from resnet_imagenet.train import dist as D
 
@@ -125,7 +127,9 @@ def evaluate(
     procs = D.init_procs("cpu" if gpu is None else gpu)
     clean = False
     try:
-        result = _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch)
+        result = _evaluate(
+            model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch, allow_missing_weights
+        )
         clean = True
     finally:
         if owned:
@@ -215,11 +219,12 @@ def _ten_crop_outputs(net, model) -> dict[str, caffe_pb2.LayerParameter]:
     return lp_of
 
 
-def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch) -> Scores:
+def _evaluate(model, weights, procs, iterations, ten_crop, num_workers, base_dir, on_batch, allow_missing) -> Scores:
     from resnet_imagenet.train.setup import load_data_net
 
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    net = load_data_net(model, weights, "test", base).to(procs.device).eval()  # shapes from the first record
+    net = load_data_net(model, weights, "test", base, allow_missing_weights=allow_missing)  # shapes: record 0
+    net = net.to(procs.device).eval()
     layer = _test_feed_layer(net, model)
     inputs = (layer.top[0], layer.top[1])
     if ten_crop and not layer.transform_param.crop_size:
@@ -261,6 +266,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="train_val prototxt (its TEST-phase data layer names the LMDB)")
     p.add_argument("--weights", required=True, help=".caffemodel")
     p.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        default=_EVALUATE["allow_missing_weights"].default,
+        help="run layers the caffemodel has no weights for on their fillers (default: refuse, naming them)",
+    )
+    p.add_argument(
         "--iterations",
         type=int,
         default=_EVALUATE["iterations"].default,
@@ -288,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         ten_crop=args.ten_crop,
         num_workers=args.workers,
         on_batch=_log_batch,
+        allow_missing_weights=args.allow_missing_weights,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("Scored %d images%s", r.images, " (10 crops each)" if args.ten_crop else "")

@@ -71,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--check",
         action="store_true",
         default=d["check"],
-        help="validate solver, nets, data, weights and GPUs, then exit",
+        help="validate solver, nets, data, weights and GPUs, then exit (every problem found, one line each)",
     )
     p.set_defaults(func=run)
 
@@ -86,6 +86,13 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; the others only warn
     opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    if opts.check:
+        from resnet_imagenet.train.check import check
+
+        problems = check(opts)
+        for p in problems:
+            error_line(f"resnet-imagenet train: error: {p}")
+        return 1 if problems else 0
     try:
         return train(opts)
     except TrainingDiverged as e:

@@ -61,7 +61,7 @@ def parse_gpus(gpu: str | None, local_world_size: int = 1) -> list[int] | None:
         return None
     if gpu == "all":
         if n == 0:
-            raise ValueError("--gpu all: no GPU is visible")
+            raise ValueError("--gpu all: no GPU is visible: use cpu or cpu:N")
         ids = list(range(n))
     else:
         try:
@@ -70,7 +70,8 @@ def parse_gpus(gpu: str | None, local_world_size: int = 1) -> list[int] | None:
             raise ValueError(f"--gpu {gpu!r}: expected cpu, cpu:N, all or GPU ids like 0,1,2,3") from None
         for i in ids:
             if not 0 <= i < n:
-                raise ValueError(f"GPU {i} does not exist ({n} GPU{'s' if n != 1 else ''} visible)")
+                use = "cpu or cpu:N" if n == 0 else f"ids 0..{n - 1}, all, cpu or cpu:N"
+                raise ValueError(f"GPU {i} does not exist ({n} GPU{'s' if n != 1 else ''} visible): use {use}")
         if len(set(ids)) != len(ids):
             raise ValueError(f"--gpu {gpu}: a GPU is listed twice")
     if len(ids) != local_world_size:

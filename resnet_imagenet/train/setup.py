@@ -12,9 +12,11 @@ from resnet_imagenet.data.shapes import data_input_shapes
 from resnet_imagenet.net.cost import GB, check_footprint, machine_memory
 from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.net.phase import filter_net
+from resnet_imagenet.net.weights import load_weights
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import TEST, TRAIN, parse_phase, read_net, read_solver, upgrade_net
 from resnet_imagenet.solver.solver import Learnable, check_solver
+from resnet_imagenet.train import preflight
 from resnet_imagenet.train.dist import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,13 @@ def load_solver(path: str | os.PathLike) -> caffe_pb2.SolverParameter:
     return sp
 
 
-def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, list[caffe_pb2.NetParameter]]:
-    """caffe: Solver::InitTrainNet / InitTestNets -- the TRAIN net and one TEST net per test_iter."""
+def solver_nets(
+    sp: caffe_pb2.SolverParameter, *, check_data: bool = True
+) -> tuple[caffe_pb2.NetParameter, list[caffe_pb2.NetParameter]]:
+    """caffe: Solver::InitTrainNet / InitTestNets -- the TRAIN net and one TEST net per test_iter.
+
+    ``check_data``: refuse what their DBs show before anything is built (train/preflight.py: a missing LMDB,
+    class lists that disagree, a classifier short of classes); ``train --check`` collects those itself."""
     given = [f for f in ("net", "net_param", "train_net", "train_net_param") if sp.HasField(f)]
     if len(given) != 1:
         raise ValueError(
@@ -61,6 +68,8 @@ def solver_nets(sp: caffe_pb2.SolverParameter) -> tuple[caffe_pb2.NetParameter, 
     for i, t in enumerate(tests):
         st = sp.test_state[i] if sp.test_state else caffe_pb2.NetState()
         out.append(filter_net(t, TEST, st.level, tuple(st.stage)))
+    if check_data:
+        preflight.refuse(sp, train, out)
     return train, out
 
 
@@ -71,14 +80,24 @@ def load_data_net(
     base_dir: str | os.PathLike | None = None,
     level: int = 0,
     stages: tuple[str, ...] = (),
+    *,
+    allow_missing_weights: bool = False,
 ) -> CaffeNet:
     """net.load_net for a net whose Data / ImageData layers are read: their top shapes come from the first
-    record (data/shapes.py, as Caffe's DataLayerSetUp), with paths from ``base_dir`` (default: the cwd)."""
+    record (data/shapes.py, as Caffe's DataLayerSetUp), with paths from ``base_dir`` (default: the cwd).
+
+    Refused first (train/preflight.py): a missing source, TEST and TRAIN class lists that disagree; and a layer
+    with blobs that ``weights`` does not reach, unless ``allow_missing_weights`` (net/weights.py load_weights)."""
     ph = parse_phase(phase)
     net_param = read_net(model) if not isinstance(model, caffe_pb2.NetParameter) else model
     upgrade_net(net_param)
+    name = model if not isinstance(model, caffe_pb2.NetParameter) else f"net '{net_param.name}'"
+    preflight.refuse_model(name, net_param, base_dir, ph, level, stages)
     shapes = data_input_shapes(filter_net(net_param, ph, level, stages).layer, base_dir)
-    return load_net(net_param, weights, ph, level, stages, input_shapes=shapes)
+    net = load_net(net_param, None, ph, level, stages, input_shapes=shapes)
+    if weights:
+        load_weights(net, weights, missing="allow" if allow_missing_weights else "refuse")
+    return net
 
 
 def check_memory(nets: list[tuple[caffe_pb2.NetParameter, int]], gpu: int | None, max_gb: float | None) -> None:
@@ -111,8 +130,8 @@ def build_nets(
     if not net.loss_weights:
         raise ValueError("the TRAIN net has no loss (no *Loss layer or loss_weight)")
     test_nets = [CaffeNet(tp, TEST, input_shapes=data_input_shapes(tp.layer)) for tp in test_params]
-    if weights:
-        net.load_caffemodel(weights)
+    if weights:  # fine-tuning: layers the file lacks keep their fillers (a warning names them); none at all: refused
+        load_weights(net, weights, missing="finetune")
     if isinstance(resume, caffe_pb2.NetParameter):  # Caffe's HDF5 weights, read already
         net.copy_from(resume)
     elif resume:
