@@ -71,10 +71,11 @@ def _big(n: int) -> bytes:
 def test_a_worker_killed_in_the_middle_of_a_message_is_an_error_not_a_hang():
     """20 MB results: the worker blocks with part of one in the pipe while nobody reads; killed there, the parent
     must see the death (a shared queue's reader would wait for the rest of the message forever)."""
+    before = set(children(os.getpid()))  # pytest's own (an earlier test's lingering helper...)
     results = run_ordered(_big, [20_000_000] * 8, jobs=2, chunk=1, window=1)
     assert len(next(results)) == 20_000_000
     time.sleep(1.0)  # both workers have their next 20 MB result half-way into their pipes
-    workers = [p for p in children(os.getpid()) if alive(p)]
+    workers = [p for p in children(os.getpid()) if alive(p) and p not in before]
     assert len(workers) == 2
     for w in workers:
         os.kill(w, signal.SIGKILL)
