@@ -437,3 +437,18 @@ def test_train_flags_default_to_train_options():
 def test_train_help_imports_no_torch():
     code = "import sys; from resnet_imagenet import cli; cli.build_parser('train'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_the_solvers_own_weights_field_fine_tunes_as_caffe(project, caplog):
+    """SolverParameter.weights (caffe.cpp train: used unless --weights replaces or --snapshot clears it)."""
+    run(project(), caplog)  # snap/tiny_iter_8.caffemodel
+    source = load_net("net.prototxt", weights="snap/tiny_iter_8.caffemodel", phase="train")
+    project(name="ft.prototxt", lr="0", max_iter=2, snapshot=2, extra='weights: "snap/tiny_iter_8.caffemodel"\n')
+    assert cli_main(["train", "--solver", "ft.prototxt", "--gpu", "cpu", "--workers", "0"]) == 0
+    tuned = load_net("net.prototxt", weights="snap/tiny_iter_2.caffemodel", phase="train")
+    for (name, a), (_, b) in zip(source.state_dict().items(), tuned.state_dict().items()):
+        assert torch.equal(a, b), name  # base_lr 0: the solver's weights, unchanged (not the fillers)
+    fresh = load_net("net.prototxt", phase="train")
+    assert not torch.equal(fresh.layers["fc"].weight, tuned.layers["fc"].weight)
+    project(name="bad.prototxt", max_iter=2, snapshot=2, extra='weights: "no_such.caffemodel"\n')
+    assert cli_main(["train", "--solver", "bad.prototxt", "--gpu", "cpu", "--workers", "0"]) != 0

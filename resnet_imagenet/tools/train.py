@@ -76,6 +76,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _solver_weights(opts):
+    """The solver's own ``weights:`` (SolverParameter field 42) when neither --weights nor --snapshot is given.
+
+    caffe: tools/caffe.cpp train() -- --snapshot clears the solver's weights, --weights replaces them; else
+    Solver::InitTrainNet copies each into the TRAIN net (paths from the working directory).
+    """
+    if opts.weights or opts.snapshot or not opts.solver:
+        return opts
+    from resnet_imagenet.proto.text import read_solver
+
+    try:
+        weights = list(read_solver(opts.solver).weights)
+    except (OSError, ValueError):  # the check and the trainer report a bad solver in their own words
+        return opts
+    return dataclasses.replace(opts, weights=",".join(weights)) if weights else opts
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -85,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) != 0:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs; the others only warn
-    opts = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+    opts = _solver_weights(TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}))
     if opts.check:
         from resnet_imagenet.train.check import check
 
