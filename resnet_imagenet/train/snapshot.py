@@ -13,11 +13,9 @@ once no process of that pid is alive.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.train.solverstate import SolverStateFile, read_solverstate, write_solverstate
+from resnet_imagenet.util import atomic
 from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -128,30 +127,7 @@ def load_solverstate(path: str | os.PathLike, max_iter: int) -> SolverStateFile:
     return read_solverstate(path, max_iter)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: Path, stem: str) -> list[Path]:
-    """Remove ``.<stem>_iter_*.tmp-<pid>-*`` files of writers that are no longer running (a kill mid-snapshot).
-
-    The pid in the name decides: a live process of that pid (the writer, or an unrelated one that got
-    its number) keeps the file. Temporaries of other hosts on a shared folder look dead here only if
-    their pid is free here too; a run that snapshots there is then racing us anyway.
-    """
-    removed = []
-    pat = re.compile(r"\." + re.escape(stem) + r"_iter_\d+\..+\.tmp-(\d+)-\w+")
-    for p in folder.glob(f".{stem}_iter_*.tmp-*") if folder.is_dir() else []:
-        m = pat.fullmatch(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-                removed.append(p)
-                log.info("Removed %s, left by process %s that was killed while writing a snapshot", p, m.group(1))
-    return removed
+    """Remove the ``.<stem>_iter_<N>.*.tmp-<pid>-*`` temporaries of snapshot writers that are no longer running
+    (a kill mid-snapshot): util.atomic's rule (a live pid, or another host's, keeps its file)."""
+    return atomic.remove_stale_temporaries(folder / stem, name_glob=f"{atomic.glob_escape(stem)}_iter_[0-9]*.*")

@@ -91,7 +91,8 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         old.unlink()
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (someone else's counts: it is alive, only not ours)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -111,19 +112,21 @@ def _owner(tmp: Path) -> tuple[str | None, int | None]:
         return None, int(m.group(1)) if m else None
 
 
-def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+def remove_stale_temporaries(target: str | os.PathLike, name_glob: str | None = None) -> list[Path]:
     """Remove the temporaries ``.<target>.tmp-<pid>-*`` beside ``target`` whose writer is dead; return them.
 
     Dead: written on this host (OWNER_NAME; one without it, from an older build or a writer killed just
     before the rename, is taken as this host's) by a pid that is not running here. A live pid -- the
     writer, or an unrelated process that got its number -- keeps it, and so does another host's.
+    ``name_glob``: the temporaries of every target name it matches in that folder (default: the name itself).
     """
     target = Path(target)
     removed = []
     folder = target.parent if target.parent.is_dir() else None
-    for tmp in sorted(folder.glob(f".{glob_escape(target.name)}.tmp-*")) if folder else []:
+    names = glob_escape(target.name) if name_glob is None else name_glob
+    for tmp in sorted(folder.glob(f".{names}.tmp-*")) if folder else []:
         host, pid = _owner(tmp) if tmp.is_dir() else (None, _owner(tmp)[1])
-        if pid is None or pid == os.getpid() or (host is not None and host != socket.gethostname()) or _alive(pid):
+        if pid is None or pid == os.getpid() or (host is not None and host != socket.gethostname()) or pid_alive(pid):
             continue
         size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
         if tmp.is_dir() and not tmp.is_symlink():
