@@ -89,6 +89,16 @@ def add_overwrite_flag(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true", help=f"replace {what}")
 
 
+def add_allow_missing_weights_flag(p: argparse.ArgumentParser, default: bool) -> None:
+    """test's and classify's --allow-missing-weights (``default`` from the function the tool calls)."""
+    p.add_argument(
+        "--allow-missing-weights",
+        action="store_true",
+        default=default,
+        help="run layers the caffemodel has no weights for on their fillers (default: refuse, naming them)",
+    )
+
+
 def convert_options(args: argparse.Namespace) -> ConvertOptions:
     """The ConvertOptions of parsed convert flags (each field is the flag of the same name)."""
     from resnet_imagenet.data.convert import ConvertOptions

@@ -31,7 +31,7 @@ from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.tools import add_command
-from resnet_imagenet.tools._flags import add_gpu_flag, one_device
+from resnet_imagenet.tools._flags import add_allow_missing_weights_flag, add_gpu_flag, one_device
 from resnet_imagenet.util.glog import error_line
 
 log = logging.getLogger(__name__)
@@ -232,12 +232,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "classify")
     p.add_argument("--model", required=True, help="deploy prototxt")
     p.add_argument("--weights", required=True, help=".caffemodel")
-    p.add_argument(
-        "--allow-missing-weights",
-        action="store_true",
-        default=params["allow_missing_weights"].default,
-        help="run layers the caffemodel has no weights for on their fillers (default: refuse, naming them)",
-    )
+    add_allow_missing_weights_flag(p, params["allow_missing_weights"].default)
     p.add_argument(
         "--mean",
         default=params["mean"].default,
