@@ -29,6 +29,9 @@ def read_list(path: str | os.PathLike) -> tuple[list[tuple[str, int]], list[tupl
             if not name or value is None:
                 bad.append((f"{path}:{n}", f"bad list line: no integer label in {line!r}"))
                 continue
+            if "\x00" in name:  # no file name holds a NUL byte (POSIX); open() would raise ValueError
+                bad.append((f"{path}:{n}", f"bad list line: a NUL byte in the file name {name!r}"))
+                continue
             if not -(2**31) <= value < 2**31:  # caffe.proto: Datum.label is an int32
                 bad.append((f"{path}:{n}", f"bad list line: label {value} out of the int32 range"))
                 continue
