@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from resnet_imagenet.net.net import CaffeNet, data_layer_shapes, load_net
+from resnet_imagenet.net.layers.data import data_layer_shapes
+from resnet_imagenet.net.net import CaffeNet, load_net
 from resnet_imagenet.net.phase import filter_net
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import DATA_LAYER_TYPES, parse_phase, read_net

@@ -1,5 +1,6 @@
 """Data layers whose tops the layer computes itself (BVLC Caffe's dummy_data, hdf5_data, hdf5_output layers), and
-WindowData's refusal. Data / ImageData / Input / MemoryData are the net's inputs instead (net.py, data/feed.py).
+WindowData's refusal. Data / ImageData / Input / MemoryData are the net's inputs instead (net.py, data/feed.py);
+data_layer_shapes gives their top shapes from their parameters.
 
 These layers have no bottoms to propagate to (caffe: DataLayer::Backward is empty); their tops need no gradient.
 A non-persistent empty buffer follows the net's ``.to(device, dtype)`` so tops come out where the net runs.
@@ -16,9 +17,44 @@ import torch
 import torch.distributed as dist
 
 from resnet_imagenet.net.layers.base import CaffeLayer, fill_, register
+from resnet_imagenet.proto import caffe_pb2
+from resnet_imagenet.proto.text import PrototxtError
 from resnet_imagenet.util.atomic import atomic_path
 
 log = logging.getLogger(__name__)
+
+
+def data_layer_shapes(layer: caffe_pb2.LayerParameter) -> list[tuple[int, ...]]:
+    """Top shapes of a data layer from its parameters alone: Input's shapes; Data/ImageData's (batch, C, crop, crop)
+    or ImageData's (batch, C, new_height, new_width), and (batch,). Channels: 3 unless force_gray (or ImageData's
+    is_color false); data/shapes.py reads a Datum's own channels and the first record's size."""
+    if layer.type == "Input":
+        shapes = [tuple(s.dim) for s in layer.input_param.shape]
+        if len(shapes) == 1:
+            shapes = shapes * len(layer.top)
+        if len(shapes) != len(layer.top):
+            raise PrototxtError(f"layer '{layer.name}': {len(layer.top)} tops but {len(shapes)} input shapes")
+        return shapes
+    if layer.type == "MemoryData":
+        p = layer.memory_data_param
+        return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)][: len(layer.top)]
+    t = layer.transform_param
+    if layer.type == "Data":
+        batch = layer.data_param.batch_size
+        channels = 1 if t.force_gray else 3
+    else:
+        batch = layer.image_data_param.batch_size
+        channels = 3 if layer.image_data_param.is_color else 1
+    if t.crop_size:
+        return [(batch, channels, t.crop_size, t.crop_size), (batch,)][: len(layer.top)]
+    ip = layer.image_data_param
+    if layer.type == "ImageData" and ip.new_height and ip.new_width:  # caffe: images resized to new_height x new_width
+        return [(batch, channels, ip.new_height, ip.new_width), (batch,)][: len(layer.top)]
+    # caffe: the shape comes from the first record, which net/ does not read (data/shapes.py does)
+    raise PrototxtError(
+        f"layer '{layer.name}': the input size comes from the first record without transform_param.crop_size; "
+        "pass input_shapes= (resnet_imagenet.data.shapes.data_input_shapes) to CaffeNet"
+    )
 
 
 class _SelfFed(CaffeLayer):
