@@ -8,7 +8,8 @@ import math
 import pytest
 
 from resnet_imagenet import cli
-from resnet_imagenet.tools.logs import moving_average, parse_log, parse_log_text, plot_log, training_loss
+from resnet_imagenet.tools.logs import moving_average, plot_log, training_loss
+from resnet_imagenet.util.caffelog import parse_log, parse_log_text
 
 # Caffe's exact line formats (solver.cpp / sgd_solver.cpp of BVLC master), with a test pass at 0 and 200.
 SNIPPET = """\
