@@ -12,7 +12,7 @@ from _images import smooth_image
 
 from resnet_imagenet.data import autojobs as A
 from resnet_imagenet.data.autojobs import run_auto
-from resnet_imagenet.data.convert import ConvertOptions, work
+from resnet_imagenet.data.encode import ConvertOptions, work
 from resnet_imagenet.data.pool import default_jobs
 
 two_cores = pytest.mark.skipif(default_jobs() < 2, reason="needs 2 cores to have a choice")

@@ -340,7 +340,7 @@ def test_record_zero_that_is_not_a_datum_is_skipped_not_a_crash(tmp_path, caplog
 
 
 def test_device_transform_reads_a_full_mean_at_each_crops_source_pixels():
-    from resnet_imagenet.data.transform import DeviceTransform
+    from resnet_imagenet.data.devicetransform import DeviceTransform
 
     mean = np.arange(12, dtype=np.float32).reshape(1, 3, 4)  # 1 channel, the images' 3x4
     t = DeviceTransform(mean, mean_file="m.binaryproto", crop=2, scale=0.5)
@@ -358,7 +358,7 @@ def test_device_transform_reads_a_full_mean_at_each_crops_source_pixels():
 
 
 def test_device_transform_crop_sized_mean_mirrors_and_mean_value_broadcasts():
-    from resnet_imagenet.data.transform import DeviceTransform
+    from resnet_imagenet.data.devicetransform import DeviceTransform
 
     x = torch.full((2, 1, 2, 2), 10, dtype=torch.uint8)
     geo = torch.tensor([[1, 3, 0, 9, 9], [0, 5, 1, 9, 9]])  # offsets and source size do not matter here

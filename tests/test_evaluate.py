@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from resnet_imagenet import cli
 from resnet_imagenet.data.datum import encode_datum
-from resnet_imagenet.data.transform import crop_offsets_10
+from resnet_imagenet.data.devicetransform import crop_offsets_10
 from resnet_imagenet.proto.blob import write_blobproto
 from resnet_imagenet.tools.test import evaluate
 

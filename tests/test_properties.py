@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from resnet_imagenet.data import transform as T
-from resnet_imagenet.data.convert import ConvertOptions, work
 from resnet_imagenet.data.datum import datum_to_array, encode_datum, parse_datum
+from resnet_imagenet.data.encode import ConvertOptions, work
 from resnet_imagenet.data.imagelist import read_list
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.proto.text import PrototxtError, parse_text

@@ -1,6 +1,6 @@
 """convert_imageset: images (a class-folder tree or a Caffe list file) -> an LMDB of Caffe Datums.
 
-Decoding and resizing run in a process pool (data/pool.py); records are written by one process in
+Decoding and resizing (data/encode.py) run in a process pool (data/pool.py); records are written by one process in
 list order, under keys ``%08d_<relative path>`` (caffe: tools/convert_imageset.cpp), so a real Caffe
 DataLayer reads the database unchanged. The database is built under a temporary name and renamed
 when complete (data/db.py); metadata goes to a JSON file inside the DB folder, never into the LMDB.
@@ -18,15 +18,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import cv2
-import simplejpeg
 from tqdm import tqdm
 
 from resnet_imagenet._version import __version__
-from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.autojobs import run_auto
-from resnet_imagenet.data.datum import encode_datum
 from resnet_imagenet.data.db import CLASSES_NAME, MAX_KEY, META_NAME, create_lmdb
+from resnet_imagenet.data.encode import ConvertOptions, Result, Task, work
 from resnet_imagenet.data.imagelist import classes_path, escapes_root, in_range, read_list, walk_classes
 from resnet_imagenet.data.pool import WorkerDied
 from resnet_imagenet.data.target import class_list, count_records, lmdb_target
@@ -34,20 +31,6 @@ from resnet_imagenet.util.atomic import atomic_write_text
 from resnet_imagenet.util.interrupt import Interrupted, interruptible
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class ConvertOptions:
-    """Caffe's convert_imageset flags (and --min_dim)."""
-
-    resize_height: int = 0
-    resize_width: int = 0
-    min_dim: int = 0  # shorter side -> min_dim, aspect kept, only shrink
-    gray: bool = False
-    encoded: bool = False
-    encode_type: str = ""  # default: from the file name, as Caffe
-    check_size: bool = False
-    max_pixels: int = T.MAX_PIXELS  # skip an image whose header declares more pixels (0: no limit)
 
 
 @dataclasses.dataclass
@@ -70,78 +53,6 @@ class Summary:
             f"written {self.written}, skipped {len(self.skipped)}{f' ({why})' if why else ''}, "
             f"{self.bytes / 1e6:.1f} MB ({per / 1e3:.1f} kB/image), {self.seconds:.1f} s ({rate:.0f} img/s)"
         )
-
-
-def make_datum(buf: bytes, label: int, name: str, opts: ConvertOptions) -> tuple[bytes, tuple[int, int, int]]:
-    """One image file's bytes -> a serialized Datum and the image's (C, H, W) (caffe: io.cpp ReadImageToDatum)."""
-    channels = T.GRAY if opts.gray else T.COLOR
-    img = T.decode_image(buf, channels, strict=True, max_pixels=opts.max_pixels)
-    if opts.resize_height and opts.resize_width:
-        img = T.resize_exact(img, opts.resize_height, opts.resize_width)
-    elif opts.min_dim:
-        img = T.resize_shorter(img, opts.min_dim, only_shrink=True)
-    h, w, c = img.shape
-    shape = (c, h, w)
-    if not opts.encoded:
-        return encode_datum(img, label), shape
-    fmt = (opts.encode_type or name.rpartition(".")[2] or "jpg").lower()
-    if not cv2.haveImageWriter("." + fmt):
-        fmt = "jpg"
-    resized = (h, w) != _header_hw(buf)
-    if not resized and fmt in ("jpg", "jpeg") and _plain_jpeg(buf, channels):
-        return encode_datum(buf, label, encoded=True, shape=shape), shape  # the file itself, as Caffe
-    ok, enc = cv2.imencode("." + fmt, img)
-    if not ok:
-        raise ValueError(f"cannot encode as {fmt}")
-    return encode_datum(enc.tobytes(), label, encoded=True, shape=shape), shape
-
-
-def _header_hw(buf: bytes) -> tuple[int, int]:
-    if buf[:2] == b"\xff\xd8":
-        try:
-            h, w = simplejpeg.decode_jpeg_header(buf)[:2]
-            return h, w
-        except ValueError:
-            pass
-    return -1, -1
-
-
-def _plain_jpeg(buf: bytes, channels: int) -> bool:
-    """A JPEG any reader decodes to ``channels`` channels (not CMYK, not a PNG named .JPEG)."""
-    try:
-        space = simplejpeg.decode_jpeg_header(buf)[2]
-    except ValueError:
-        return False
-    return space in (("YCbCr", "RGB") if channels == T.COLOR else ("Gray",))
-
-
-Task = tuple  # (name, label, path or bytes, options)
-Result = tuple[str, int, bytes | None, str, tuple[int, int, int] | None]  # (name, label, datum, reason, shape)
-
-
-def work(task: Task) -> Result:
-    """Process-pool job: -> (name, label, datum or None, reason skipped, shape)."""
-    name, label, src, opts = task
-    try:
-        if isinstance(src, bytes):
-            buf = src
-        else:
-            with open(src, "rb") as f:
-                buf = f.read()
-        datum, shape = make_datum(buf, label, name, opts)
-        return name, label, datum, "", shape
-    except FileNotFoundError:
-        return name, label, None, "missing file", None
-    except IsADirectoryError:
-        return name, label, None, "unreadable: a folder", None
-    except OSError as e:
-        return name, label, None, f"unreadable: {e.strerror or e}", None
-    except ValueError as e:
-        return name, label, None, f"bad image: {e}", None
-    except cv2.error as e:
-        return name, label, None, f"bad image: {str(e).strip().splitlines()[-1]}", None
-    except MemoryError:
-        return name, label, None, "bad image: out of memory decoding it (see --max-pixels)", None
 
 
 def _records(

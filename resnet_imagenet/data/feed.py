@@ -3,7 +3,7 @@
 Workers (torch DataLoader processes, each opening the LMDB lazily, readonly, lock=False) decode,
 resize, crop and mirror into uint8 NCHW batches; the main process copies them to the device
 (pinned, non-blocking on CUDA) and does the float work there: mean subtraction, then scale
-(data/transform.py's DeviceTransform).
+(data/devicetransform.py).
 
 Order (TRAIN Data layers; ``order=``): Caffe's key order or a seeded permutation per epoch, shared by
 rank (data/order.py). TEST reads in key order. Batches follow the stream across epoch boundaries, as
@@ -25,6 +25,7 @@ import torch
 from resnet_imagenet.data import decode_fast
 from resnet_imagenet.data import transform as T
 from resnet_imagenet.data.db import read_meta
+from resnet_imagenet.data.devicetransform import DeviceTransform
 from resnet_imagenet.data.feedcheck import check_batch_labels, check_meta_labels, check_sizes
 from resnet_imagenet.data.mean import load_mean
 from resnet_imagenet.data.order import Order, Positions, check_sharing, layer_source, rand_skip
@@ -169,7 +170,7 @@ class DataFeed:
         self.channels_last, self.num_workers, self.prefetch_factor = channels_last, num_workers, prefetch_factor
         self._ds = _Batches(recs, cfg)
         mean = load_mean(tp, channels, base, layer=lp.name)
-        self._transform = T.DeviceTransform(
+        self._transform = DeviceTransform(
             mean,
             mean_file=tp.mean_file,
             crop=tp.crop_size,

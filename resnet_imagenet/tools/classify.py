@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from resnet_imagenet.data.db import read_classes
+from resnet_imagenet.data.devicetransform import ten_crops
 from resnet_imagenet.data.mean import load_mean
-from resnet_imagenet.data.transform import ten_crops
 from resnet_imagenet.proto import caffe_pb2
 from resnet_imagenet.tools import add_command
 from resnet_imagenet.tools._flags import add_allow_missing_weights_flag, add_gpu_flag, one_device
