@@ -4,7 +4,7 @@ Builds two LMDBs of N records of ~4 kB (ImageNet's small-JPEG size, each value o
 page): keys 0..N-1 (the dense fast path) and keys with every 1000th number missing (the key scan).
 Each open runs in a fresh process after POSIX_FADV_DONTNEED on data.mdb; prints seconds, peak RSS and
 the share of data.mdb read (mincore), and the same for the old way (py-lmdb's keys-only cursor).
-Usage: python benchmarks/bench_open.py [--n 1281167] [--quick] [--workdir DIR]
+Usage: python benchmarks/bench_open.py [--n 1281167] [--quick] [--no-cursor] [--root CHECKOUT] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ def build(db: Path, n: int, holes: bool) -> None:
     env.close()
 
 
-def measure(db: Path, how: str) -> dict:
+def measure(db: Path, how: str, root: Path = ROOT) -> dict:
+    """One cold open of ``db`` in a fresh process, with the package of the checkout ``root``."""
     drop(db / "data.mdb")
-    code = CHILD.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = CHILD.format(root=str(root), tests=str(ROOT / "tests"))
+    env = {**os.environ, "PYTHONPATH": str(root)}
     out = subprocess.run([sys.executable, "-c", code, str(db), how], check=True, capture_output=True, env=env)
     return json.loads(out.stdout.decode().splitlines()[-1])
 
@@ -76,14 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1281167, help="records (default: ImageNet's train set)")
     ap.add_argument("--quick", action="store_true", help="20,000 records: check that the script runs")
+    ap.add_argument("--no-cursor", action="store_true", help="leave out the old way (py-lmdb's cursor: ~2 min)")
+    ap.add_argument("--root", type=Path, default=ROOT, help="open with this checkout's package (an A/B: git worktree)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "resnet_imagenet_bench")
     args = ap.parse_args()
     n = 20000 if args.quick else args.n
-    for name, holes, how in (("dense", False, "records"), ("holes", True, "records"), ("holes", True, "cursor")):
+    runs = (("dense", False, "records"), ("holes", True, "records"), ("holes", True, "cursor"))
+    for name, holes, how in runs[:2] if args.no_cursor else runs:
         db = args.workdir / f"open_{name}_{n}"
         db.mkdir(parents=True, exist_ok=True)
         build(db, n, holes)
-        r = measure(db, how)
+        r = measure(db, how, args.root)
         what = {"records": "Records()", "cursor": "py-lmdb keys-only cursor (before)"}[how]
         print(f"{name:5s} {what:34s} {r['n']:>9,d} keys  {r['s']:7.3f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
               f"data.mdb read {100 * r['read']:5.1f}%")  # fmt: skip

@@ -22,6 +22,7 @@ import logging
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
@@ -74,23 +75,53 @@ def _children(m: np.ndarray, psize: int, pgno: int) -> np.ndarray:
 
 def _leaf_keys(m: np.ndarray, psize: int, leaves: list[int]) -> np.ndarray:
     """All keys of the ``leaves`` pages, in order, as one numpy bytes array (dtype S<longest>)."""
-    starts, sizes = [], []
-    for pgno in leaves:
-        page, ptrs = _page(m, psize, pgno, P_LEAF)
-        h = page.view("<u2")
-        if (h[ptrs // 2 + 2] & F_DUPDATA).any():
-            raise Unreadable("duplicate keys (DUPSORT)")
-        ks = h[ptrs // 2 + 3].astype(np.int64)
-        if (ptrs + NODE + ks > psize).any():
-            raise Unreadable(f"leaf page {pgno}: a key runs past the page")
-        starts.append(pgno * psize + ptrs + NODE)
-        sizes.append(ks)
-    if not starts:
+    if not leaves:
         return np.array([], dtype="S1")
-    start = np.concatenate(starts).tolist()
-    end = (np.concatenate(starts) + np.concatenate(sizes)).tolist()
-    buf = m.data  # slices of the map copy just the key bytes
-    return np.array([bytes(buf[a:b]) for a, b in zip(start, end, strict=True)])
+    leaves = np.asarray(leaves, dtype=np.int64)
+    if (leaves.max() + 1) * psize > len(m):
+        raise Unreadable(f"page {leaves.max()} beyond the end of data.mdb")
+    pages = m[: len(m) // psize * psize].reshape(-1, psize)
+    found = [_leaf_nodes(pages[pg], pg, psize) for pg in np.array_split(leaves, -(-len(leaves) // 4096))]
+    return _gather(m, np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]))
+
+
+def _leaf_nodes(page: np.ndarray, pg: np.ndarray, psize: int) -> tuple[np.ndarray, np.ndarray]:
+    """(file offset, size) of every key of the leaf pages ``page`` (a copy of pages ``pg``, one per row), in order:
+    the headers and node tables of a few thousand pages read as arrays, no Python step per page or key."""
+    h = page.view("<u2")  # u16 fields at (byte offset / 2)
+    flags, lower = h[:, 5], h[:, 6].astype(np.int64)
+    no = np.ascontiguousarray(page[:, :8]).view("<u8")[:, 0]
+    bad = (no != pg) | (flags & P_LEAF == 0) | (flags & P_LEAF2 != 0) | (lower < HDR) | (lower > psize)
+    if bad.any():
+        raise Unreadable(f"page {pg[bad.argmax()]} is not the leaf page expected")
+    count = (lower - HDR) // 2
+    cols = np.arange(count.max())
+    ptr = h[:, HDR // 2 : HDR // 2 + len(cols)][cols < count[:, None]].astype(np.int64)  # page by page, in order
+    row = np.repeat(np.arange(len(pg)), count)
+    outside = (ptr < lower[row]) | (ptr + NODE > psize) | (ptr % 2 != 0)  # lmdb keeps nodes 2-byte aligned
+    if outside.any():
+        raise Unreadable(f"leaf page {pg[row[outside][0]]}: a node outside its page")
+    if (h[row, ptr // 2 + 2] & F_DUPDATA).any():
+        raise Unreadable("duplicate keys (DUPSORT)")
+    ks = h[row, ptr // 2 + 3].astype(np.int64)
+    if (ptr + NODE + ks > psize).any():
+        raise Unreadable(f"leaf page {pg[row[ptr + NODE + ks > psize][0]]}: a key runs past the page")
+    return pg[row] * psize + ptr + NODE, ks
+
+
+def _gather(m: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """The byte strings m[starts[i] : starts[i] + sizes[i]] as one S<longest> array, NUL-padded as numpy pads:
+    one row copy per key from a strided view of the map (1.28M keys in ~0.03 s; a Python bytes per key took ~1 s)."""
+    width = max(int(sizes.max()), 1)
+    last = len(m) - width  # the last offset a whole window of ``width`` bytes starts at
+    windows = np.lib.stride_tricks.as_strided(m, shape=(last + 1, width), strides=(1, 1), writeable=False)
+    out = windows[np.minimum(starts, last)]
+    for i in np.flatnonzero(starts > last):  # a key within ``width`` bytes of the file's end
+        a, k = int(starts[i]), int(sizes[i])
+        out[i] = 0
+        out[i, :k] = m[a : a + k]
+    out[np.arange(width) >= sizes[:, None]] = 0
+    return out.view(f"S{width}").ravel()
 
 
 def read_keys(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -105,10 +136,18 @@ def read_keys(path: str | os.PathLike) -> tuple[np.ndarray, int]:
             raise Unreadable("data.mdb shorter than two pages")
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
     mm.madvise(mmap.MADV_RANDOM)  # fault in the tree's pages alone, never a readahead window of values
-    return _walk(np.frombuffer(mm, np.uint8), size)  # the map closes when the last view goes
+
+    def willneed(pages: list[int], psize: int) -> None:
+        # one request per page of a tree level before reading any: the kernel reads them concurrently,
+        # where faulting them in one by one waits on each (a cold 1.28M-key DB has ~16,000 leaf pages)
+        for p in pages:
+            if (p + 1) * psize <= size:
+                mm.madvise(mmap.MADV_WILLNEED, p * psize, psize)
+
+    return _walk(np.frombuffer(mm, np.uint8), size, willneed)  # the map closes when the last view goes
 
 
-def _walk(m: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+def _walk(m: np.ndarray, size: int, willneed: Callable[[list[int], int], None]) -> tuple[np.ndarray, int]:
     metas = [_meta(m[:4096].tobytes())]
     psize = metas[0][1]["psize"]
     if psize < 512 or psize & (psize - 1) or 2 * psize > size:
@@ -121,7 +160,9 @@ def _walk(m: np.ndarray, size: int) -> tuple[np.ndarray, int]:
         return np.array([], dtype="S1"), 0
     level = [main["root"]]
     for _ in range(main["depth"] - 1):  # branch levels down to the leaves, in key order
+        willneed(level, psize)
         level = np.concatenate([_children(m, psize, p) for p in level]).tolist()
+    willneed(level, psize)
     return _leaf_keys(m, psize, level), main["entries"]
 
 
