@@ -107,3 +107,21 @@ def test_keys_that_disagree_with_lmdb_fall_back_to_the_cursor(tmp_path, caplog):
         assert len(lmdb_keys(env, tmp_path)) == 3
     env.close()
     assert "through the cursor" in caplog.text
+
+
+@pytest.mark.parametrize("ptr", [4095, 4090, 3], ids=["past-the-page", "node-header-cut", "odd-inside-header"])
+def test_a_damaged_node_table_is_unreadable_not_a_crash(tmp_path, ptr):
+    env = lmdb.open(str(tmp_path), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(20):
+            txn.put(b"k%03d" % i, b"v")
+        assert txn.stat()["depth"] == 1  # the root is the only leaf page
+    env.close()
+    data = bytearray((tmp_path / "data.mdb").read_bytes())
+    metas = [int.from_bytes(data[p + 16 + 24 + 48 + 40 : p + 16 + 24 + 48 + 48], "little") for p in (0, 4096)]
+    txnids = [int.from_bytes(data[p + 16 + 24 + 96 + 8 : p + 16 + 24 + 96 + 16], "little") for p in (0, 4096)]
+    root = metas[txnids.index(max(txnids))]  # MDB_meta: the main DB's root page of the newer meta page
+    data[root * 4096 + 16 : root * 4096 + 18] = ptr.to_bytes(2, "little")  # the first node's offset
+    (tmp_path / "data.mdb").write_bytes(bytes(data))
+    with pytest.raises(Unreadable, match="leaf page"):
+        read_keys(tmp_path)
