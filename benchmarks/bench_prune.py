@@ -16,7 +16,7 @@
 
     python benchmarks/bench_prune.py --deploy-only      # only part 3 (needs onnx, onnxruntime, torch-pruning)
     python benchmarks/bench_prune.py --deploy-only --reps 3 --levers --layers --no-torch-pruning
-        # the levers, each at >= 2.0x fewer MACs: widths rounded up to multiples of 8 (prune --round 8), the
+        # the levers, each at >= 2.0x fewer MACs: widths rounded up to multiples of 8 or 16 (prune --round), the
         # residual channels pruned too (prune --residual 0.75, inner widths re-planned), both; per-layer tables
 """
 
@@ -92,15 +92,22 @@ def _lever_widths(base, multiple: int = 1, residual: float | None = None) -> dic
     return widths
 
 
-LEVERS = {"pruned-r8": (8, None), "pruned-res0.75": (1, 0.75), "pruned-res0.75-r8": (8, 0.75)}
+# multiples of 16: MLAS's NCHWc block on AVX-512 (8 on AVX2); onnxruntime runs a conv in NCHWc only when its
+# input channels are a multiple of it (onnxruntime/core/optimizer/nchwc_transformer.cc), else in plain NCHW
+LEVERS = {
+    "pruned-r8": (8, None),
+    "pruned-r16": (16, None),
+    "pruned-res0.75": (1, 0.75),
+    "pruned-res0.75-r8": (8, 0.75),
+    "pruned-res0.75-r16": (16, 0.75),
+}
 
 
-def _nets(randomize: bool = True, levers: bool = False):
-    """The unpruned deploy net and {tag: pruned net} (--speedup 2.0; with ``levers`` also LEVERS' variants)."""
+def _nets(randomize: bool = True, levers: tuple[str, ...] = ()):
+    """The unpruned deploy net and {tag: pruned net} (--speedup 2.0, and the ``levers`` variants of LEVERS)."""
     base = load_net(ZOO / "deploy.prototxt")
     pruned = {"pruned": _pruned_deploy(_lever_widths(base))}
-    if levers:
-        pruned.update({tag: _pruned_deploy(_lever_widths(base, *opt)) for tag, opt in LEVERS.items()})
+    pruned.update({tag: _pruned_deploy(_lever_widths(base, *LEVERS[tag])) for tag in levers})
     if randomize:
         for net in (base, *pruned.values()):
             _randomize(net)
@@ -174,7 +181,13 @@ def main() -> None:
     ap.add_argument("--no-torch-pruning", action="store_true", help="leave Torch-Pruning out of part 3")
     ap.add_argument("--layers", action="store_true", help="part 3: also per-layer tables (torch and onnxruntime)")
     ap.add_argument("--batches", default="32,1", help="part 3: batch sizes, comma-separated (default 32,1)")
-    ap.add_argument("--levers", action="store_true", help="part 3: also the --round 8 / --residual 0.75 variants")
+    ap.add_argument(
+        "--levers",
+        nargs="?",
+        const=",".join(LEVERS),
+        default="",
+        help=f"part 3: also these variants, comma-separated (alone: all of {', '.join(LEVERS)})",
+    )
     args, unknown = ap.parse_known_args()
     if unknown:
         print(f"bench_prune: ignoring {' '.join(unknown)}")
@@ -186,7 +199,11 @@ def main() -> None:
     from _deploy_timing import bench_deploy
 
     batches = (2, 1) if args.quick else tuple(int(b) for b in args.batches.split(","))
-    bench_deploy(*_nets(levers=args.levers), batches, args.reps, not args.no_torch_pruning, args.layers)
+    levers = tuple(t for t in args.levers.split(",") if t)
+    unknown = [t for t in levers if t not in LEVERS]
+    if unknown:
+        ap.error(f"--levers: unknown {', '.join(unknown)} (known: {', '.join(LEVERS)})")
+    bench_deploy(*_nets(levers=levers), batches, args.reps, not args.no_torch_pruning, args.layers)
 
 
 if __name__ == "__main__":
