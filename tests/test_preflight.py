@@ -314,6 +314,9 @@ def test_classify_takes_the_mean_and_scale_of_the_train_val_beside_the_deploy(tm
         f"resnet-imagenet classify: error: {other}: no weights for 1 of the net's 2 layers with blobs (fc): weights "
         "are copied by layer name; is it another net's file? (--allow-missing-weights runs them on their fillers)"
     ], r.stderr[-2000:]
+    r = cli(tmp_path, "classify", "--model", "m/deploy.prototxt", "--weights", str(other), "--mean", "none", str(img),
+            "--allow-missing-weights")  # fmt: skip
+    assert r.returncode == 0 and "they start from their fillers" in r.stderr, r.stderr[-2000:]
     r = cli(tmp_path, "classify", "--help")
     assert (
         "default: the mean_file / mean_value of the model's TEST data layer, or of the train_val.prototxt "
