@@ -92,8 +92,8 @@ def _lever_widths(base, multiple: int = 1, residual: float | None = None) -> dic
     return widths
 
 
-# multiples of 16: MLAS's NCHWc block on AVX-512 (8 on AVX2); onnxruntime runs a conv in NCHWc only when its
-# input channels are a multiple of it (onnxruntime/core/optimizer/nchwc_transformer.cc), else in plain NCHW
+# onnxruntime runs a conv in NCHWc only when its input channels are a multiple of MLAS's block (8 on this machine;
+# onnxruntime/core/optimizer/nchwc_transformer.cc), else in plain NCHW with reorders: hence --round 8 and 16
 LEVERS = {
     "pruned-r8": (8, None),
     "pruned-r16": (16, None),
