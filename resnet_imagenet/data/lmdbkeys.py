@@ -104,8 +104,9 @@ def _leaf_nodes(page: np.ndarray, pg: np.ndarray, psize: int) -> tuple[np.ndarra
     if (h[row, ptr // 2 + 2] & F_DUPDATA).any():
         raise Unreadable("duplicate keys (DUPSORT)")
     ks = h[row, ptr // 2 + 3].astype(np.int64)
-    if (ptr + NODE + ks > psize).any():
-        raise Unreadable(f"leaf page {pg[row[ptr + NODE + ks > psize][0]]}: a key runs past the page")
+    past = ptr + NODE + ks > psize
+    if past.any():
+        raise Unreadable(f"leaf page {pg[row[past][0]]}: a key runs past the page")
     return pg[row] * psize + ptr + NODE, ks
 
 

@@ -102,15 +102,23 @@ def _load(model: Path, weights: str | os.PathLike) -> tuple[caffe_pb2.NetParamet
     return full, net
 
 
-def _check_args(no_speedup: bool, no_widths: bool, images: int, points: int, round_to: int, both: bool) -> None:
-    """run's flag checks, before anything is read (``both``: --residual and --filter-input together)."""
-    if no_speedup == no_widths:
+def _check_args(
+    speedup: float | None,
+    widths: str | None,
+    images: int,
+    points: int,
+    round_to: int,
+    residual: float | None,
+    filter_input: bool,
+) -> None:
+    """run's flag checks, before anything is read."""
+    if (speedup is None) == (widths is None):
         raise ValueError("give exactly one of --speedup or --widths")
     if images < 1 or points < 1:
         raise ValueError("--images and --points-per-image must be positive")
     if round_to < 1:
         raise ValueError(f"--round {round_to}: must be a positive number of channels")
-    if both:
+    if residual is not None and filter_input:
         raise ValueError("--residual and --filter-input both prune the block inputs: give one of them")
 
 
@@ -145,7 +153,7 @@ def run(
     ratio of them; with --speedup the inner widths are planned with these counted.
     """
     out, model = Path(out), Path(model)
-    _check_args(speedup is None, widths is None, images, points, round_to, residual is not None and filter_input)
+    _check_args(speedup, widths, images, points, round_to, residual, filter_input)
     _check_out(out, force)
     full, net = _load(model, weights)
     net.to(device)
